@@ -1,0 +1,134 @@
+"""Build torch-pruning's DependencyGraph, with channel splits mapped from autograd's own record of them.
+
+torch-pruning 1.6.1 reads a split's sizes from ``grad_fn._saved_split_sizes`` / ``_saved_self_sizes``; current
+PyTorch saves ``chunk``/``split(int)`` as ``SplitBackward0`` with ``_saved_split_size`` and
+``_saved_self_sym_sizes`` instead, so the library falls back to guessing sizes from the neighbours and, for a
+C2f / CSPNet block (``x.chunk(2, 1)`` feeding a concat and a residual branch), guesses wrong: the group indices run
+past the tensor (the ``IndexError`` of torch-pruning issues #219, #392, #412, #506). It also assumes the graph's
+list of split outputs is in chunk order, which tracing does not guarantee.
+
+The repair is generic: for every split node we read which chunk each consumer takes (the ``output_nr`` in the
+consumer's ``grad_fn.next_functions``) and the chunk bounds from the saved sizes, then rebuild the index mappings.
+No per-architecture rule is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch_pruning as tp
+from torch import nn
+from torch_pruning import ops
+from torch_pruning.dependency import index_mapping
+
+from grouping.trace import ForwardFn
+
+CHANNEL_DIM = 1
+
+
+def chunk_bounds(grad_fn: Any) -> list[tuple[int, int]] | None:
+    """[start, end) of every output of a split along the channel dim, from the autograd node's saved values."""
+    dim = getattr(grad_fn, "_saved_dim", None)
+    sizes_in = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if dim is None or sizes_in is None or dim >= len(sizes_in):
+        return None
+    if dim < 0:
+        dim += len(sizes_in)
+    if dim != CHANNEL_DIM:
+        return None
+    total = int(sizes_in[dim])
+    if hasattr(grad_fn, "_saved_split_sizes"):
+        sizes = [int(s) for s in grad_fn._saved_split_sizes]
+    elif hasattr(grad_fn, "_saved_split_size"):
+        step = int(grad_fn._saved_split_size)
+        sizes = [min(step, total - start) for start in range(0, total, step)]
+    else:
+        return None
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def _output_number(split_fn: Any, consumer_fn: Any, max_depth: int = 8) -> int | None:
+    """Which output of ``split_fn`` the consumer reads: search the consumer's autograd inputs breadth-first."""
+    frontier, seen = [consumer_fn], set()
+    for _ in range(max_depth):
+        nxt = []
+        for fn in frontier:
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            for parent, output_nr in fn.next_functions:
+                if parent is split_fn:
+                    return int(output_nr)
+                nxt.append(parent)
+        frontier = nxt
+    return None
+
+
+def repair_splits(graph: Any) -> int:
+    """Re-derive the index mapping of every channel split in ``graph``; returns how many splits were repaired."""
+    plans = []
+    for node in graph.module2node.values():
+        if node.type != ops.OPTYPE.SPLIT:
+            continue
+        bounds = chunk_bounds(node.grad_fn)
+        if bounds is None:
+            continue
+        numbers = [_output_number(node.grad_fn, out.grad_fn) for out in node.outputs]
+        if any(n is None or n >= len(bounds) for n in numbers):
+            continue
+        node.module.split_sizes = [bounds[n][1] - bounds[n][0] for n in numbers]
+        offsets = [0]
+        for size in node.module.split_sizes:
+            offsets.append(offsets[-1] + size)
+        node.module.offsets = offsets
+        plans.append((node, [list(bounds[n]) for n in numbers]))
+    if not plans:
+        return 0
+    index_mapping.update_index_mapping(graph)  # concat offsets depend on the corrected split sizes
+    for node, spans in plans:
+        for out_node, span in zip(node.outputs, spans):
+            for dep in node.dependencies:
+                if dep.target == out_node:
+                    dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=False)
+            for dep in out_node.dependencies:
+                if dep.target == node:
+                    dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=True)
+    return len(plans)
+
+
+def build_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    output_transform: Callable[[Any], Any] | None = None,
+) -> Any:
+    """``tp.DependencyGraph().build_dependency(...)`` followed by :func:`repair_splits`."""
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs, forward_fn=forward_fn, output_transform=output_transform, verbose=False
+    )
+    repair_splits(graph)
+    return graph
+
+
+SPLIT_LIKE = (ops._SplitOp, ops._SliceOp, ops._UnbindOp)
+
+
+def crosses_channel_split(graph: Any, group: Any) -> bool:
+    """True when a group's channels pass through a split/slice of the channel dimension.
+
+    Such channels cannot be removed safely even with a correct graph: ``x.chunk(2, 1)`` re-splits the *pruned*
+    tensor in halves at run time, and ``split([a, b])`` or ``x[:, :a]`` carry sizes written in the model's code.
+    They are kept whole; an adapter may rewrite such a block into separate convs to make them prunable.
+    """
+    for dep, _ in group:
+        if isinstance(dep.layer, SPLIT_LIKE):
+            node = graph.module2node.get(dep.layer)
+            dim = getattr(getattr(node, "grad_fn", None), "_saved_dim", CHANNEL_DIM)
+            if dim == CHANNEL_DIM:
+                return True
+    return False

@@ -1,0 +1,221 @@
+"""Channel importance as torch-pruning ``Importance`` callables (the policy half of pruning).
+
+Each callable takes a torch-pruning ``Group`` (channels coupled through residual adds, concats, splits) and
+returns one score per root channel, so every one of them also works as the ``importance=`` of torch-pruning's own
+pruners.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+NORM_OUT_FNS = (tp.prune_batchnorm_out_channels,)
+CONV_OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+CONV_IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+
+
+def norm_items(group: Any) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """The affine BatchNorm members of a torch-pruning group: (module, local indices, root indices)."""
+    items = []
+    for i, (dep, idxs) in enumerate(group):
+        layer = dep.layer
+        root_idxs = group[i].root_idxs
+        if dep.pruning_fn not in NORM_OUT_FNS or not getattr(layer, "affine", False):
+            continue
+        if root_idxs is None or any(r is None for r in root_idxs):
+            continue
+        items.append((layer, torch.as_tensor(list(idxs), dtype=torch.long), torch.as_tensor(root_idxs)))
+    return items
+
+
+def group_size(group: Any) -> int:
+    """Number of root channels in a (full-index) torch-pruning group."""
+    return len(group[0].idxs)
+
+
+class BNGammaImportance(tp.importance.Importance):
+    """|γ| of the BatchNorm layers in a coupled group, optionally divided by each layer's own threshold.
+
+    With ``thresholds`` (BN module → t) the score of a channel in layer l is |γ| / t_group(l): a score below 1
+    means "this layer's group says remove" (paper §4.2.2, Fig. 4). Coupled layers are combined by ``reduction``:
+
+    * ``"vote"``: the public mask of §4.2.3: the fraction of coupled layers that say *keep*; a channel is removed
+      when at least half say remove (Z ≥ N_conv / 2), i.e. when this score is ≤ 0.5.
+    * ``"mean"`` / ``"max"``: the mean or max of the normalised |γ| (max: removed only if every layer agrees).
+
+    Without thresholds it is plain Network Slimming |γ| (mean over coupled layers), usable as the importance of
+    any torch-pruning pruner.
+    """
+
+    def __init__(self, thresholds: Mapping[nn.Module, float] | None = None, reduction: str = "mean") -> None:
+        if reduction not in ("vote", "mean", "max"):
+            raise ValueError(f"reduction must be 'vote', 'mean' or 'max', got {reduction!r}")
+        self.thresholds = thresholds
+        self.reduction = reduction
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        items = norm_items(group)
+        if not items:
+            return None
+        values, roots = [], []
+        for layer, idxs, root in items:
+            gamma = layer.weight.detach().abs().float().cpu()[idxs]
+            if self.thresholds is not None:
+                gamma = gamma / max(float(self.thresholds[layer]), 1e-12)
+            values.append(gamma)
+            roots.append(root)
+        return coupled_scores(values, roots, group_size(group), self.reduction)
+
+
+def coupled_scores(values: list[torch.Tensor], roots: list[torch.Tensor], n: int, reduction: str) -> torch.Tensor:
+    """Combine per-layer normalised scores of coupled layers onto the ``n`` root channels.
+
+    ``values[i][j]`` is layer i's score for its channel j, which is root channel ``roots[i][j]``; a score below
+    1 means "remove" for that layer. ``vote`` gives the fraction of layers saying keep (§4.2.3), ``mean`` and
+    ``max`` the mean or max score. Root channels no layer covers get 0.
+    """
+    total = torch.zeros(n)
+    count = torch.zeros(n)
+    best = torch.zeros(n)
+    for value, root in zip(values, roots):
+        total.index_add_(0, root, (value >= 1.0).float() if reduction == "vote" else value)
+        count.index_add_(0, root, torch.ones_like(value))
+        best.scatter_reduce_(0, root, value, reduce="amax")
+    if reduction == "max":
+        return best
+    return total / count.clamp_min(1)
+
+
+class L1FilterImportance(tp.importance.GroupMagnitudeImportance):
+    """Filter L1 norm (Li et al. 2017), summed over the coupled layers' output filters."""
+
+    def __init__(self) -> None:
+        super().__init__(p=1, group_reduction="mean", normalizer=None, target_types=[nn.modules.conv._ConvNd, nn.Linear])
+
+
+class RandomImportance(tp.importance.Importance):
+    """Seeded random scores: the lower bound every method must beat."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, group: Any) -> torch.Tensor:
+        return torch.rand(group_size(group), generator=self.generator)
+
+
+def _consumers(group: Any) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """Dense conv/linear layers that read the group's channels: (module, local in-indices, root indices)."""
+    result = []
+    for i, (dep, idxs) in enumerate(group):
+        layer = dep.layer
+        root_idxs = group[i].root_idxs
+        if dep.pruning_fn not in CONV_IN_FNS or root_idxs is None or any(r is None for r in root_idxs):
+            continue
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            continue
+        result.append((layer, torch.as_tensor(list(idxs), dtype=torch.long), torch.as_tensor(root_idxs)))
+    return result
+
+
+class ThiNetImportance(tp.importance.Importance):
+    """ThiNet (Luo et al. 2017): keep the channels that best reconstruct the *next* layer's output.
+
+    ``collect`` runs the calibration batches once and stores, for every consumer conv of every group, each
+    input channel's contribution to randomly sampled output entries (z_c in the ThiNet paper). The score of a
+    channel is then its position in ThiNet's greedy order: we repeatedly remove the channel whose contribution
+    adds the least to the squared reconstruction error of the removed set, so the channel removed first is the
+    least important. Groups without a dense consumer fall back to filter L1 norm.
+    """
+
+    def __init__(self, samples_per_batch: int = 128, seed: int = 0) -> None:
+        self.samples_per_batch = samples_per_batch
+        self.seed = seed
+        self.contributions: dict[nn.Module, torch.Tensor] = {}
+        self.fallback = L1FilterImportance()
+
+    @torch.no_grad()
+    def collect(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        consumers: Iterable[nn.Module],
+        forward: Callable[[nn.Module, Any], Any],
+    ) -> None:
+        """Record sampled per-channel contributions of every consumer layer over the calibration batches."""
+        generator = torch.Generator().manual_seed(self.seed)
+        chunks: dict[nn.Module, list[torch.Tensor]] = {}
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
+            x = inputs[0].detach().float()
+            if isinstance(module, nn.Conv2d):
+                cols = nn.functional.unfold(
+                    x, module.kernel_size, module.dilation, module.padding, module.stride
+                )  # (B, C*k*k, L)
+                b, _, positions = cols.shape
+                cols = cols.view(b, module.in_channels, -1, positions)
+                weight = module.weight.detach().float().flatten(2)  # (O, C, k*k)
+                m = self.samples_per_batch
+                bi = torch.randint(b, (m,), generator=generator)
+                li = torch.randint(positions, (m,), generator=generator)
+                oi = torch.randint(module.out_channels, (m,), generator=generator)
+                patches = cols[bi, :, :, li]  # (m, C, k*k)
+                z = (patches * weight[oi]).sum(-1)  # (m, C)
+            else:
+                flat = x.reshape(-1, x.shape[-1])
+                m = self.samples_per_batch
+                ri = torch.randint(flat.shape[0], (m,), generator=generator)
+                oi = torch.randint(module.out_features, (m,), generator=generator)
+                z = flat[ri] * module.weight.detach().float()[oi]
+            chunks.setdefault(module, []).append(z.cpu())
+
+        handles = [m.register_forward_hook(hook) for m in consumers]
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                forward(model, batch)
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+        self.contributions = {m: torch.cat(z, 0) for m, z in chunks.items()}
+
+    @staticmethod
+    def greedy_order(z: torch.Tensor) -> torch.Tensor:
+        """Greedy removal order over the columns of ``z`` (samples × channels): least harmful first."""
+        n = z.shape[1]
+        removed = torch.zeros(n, dtype=torch.bool)
+        running = torch.zeros(z.shape[0])
+        order = []
+        for _ in range(n):
+            cost = ((running.unsqueeze(1) + z) ** 2).sum(0)
+            cost[removed] = float("inf")
+            pick = int(torch.argmin(cost))
+            order.append(pick)
+            removed[pick] = True
+            running += z[:, pick]
+        return torch.as_tensor(order)
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        n = group_size(group)
+        columns = torch.zeros(0, n)
+        for layer, idxs, root in _consumers(group):
+            z = self.contributions.get(layer)
+            if z is None:
+                continue
+            block = torch.zeros(z.shape[0], n)
+            block[:, root] = z[:, idxs]
+            columns = torch.cat([columns, block], 0)
+        if columns.shape[0] == 0:
+            return self.fallback(group)
+        order = self.greedy_order(columns)
+        score = torch.empty(n)
+        score[order] = torch.arange(n, dtype=torch.float32)
+        return score

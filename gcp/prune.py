@@ -1,0 +1,501 @@
+"""``prune_detector``: decide which channels go, then let torch-pruning's DependencyGraph remove them.
+
+Data flows one way: model → ``grouping.partition`` → ``grouping.allocate`` → importance (``gcp.importance``) →
+DependencyGraph → report. The DependencyGraph is the only authority on which channels are coupled (residual
+adds, concats, splits); this module never writes per-architecture channel rules.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from grouping import Group, allocate, bisect, groups_from_patterns, load_group_patterns, partition, prunable_norms
+from grouping.allocate import warn_if_missed
+from grouping.trace import ForwardFn, first_image_tensor, prediction_layers, run_forward
+
+from .graph import build_graph, crosses_channel_split
+from .importance import (
+    CONV_IN_FNS,
+    CONV_OUT_FNS,
+    NORM_OUT_FNS,
+    BNGammaImportance,
+    L1FilterImportance,
+    RandomImportance,
+    ThiNetImportance,
+    coupled_scores,
+)
+from .report import build_report, count_macs_params, out_channels
+
+METHODS = ("gcp", "slim", "thinet", "l1", "random")
+ALLOCATORS = ("explicit", "paper", "valley")
+BUDGETS = ("channels", "params", "macs")
+COUPLINGS = ("vote", "mean", "max")
+OUT_FNS = CONV_OUT_FNS + NORM_OUT_FNS
+
+
+@dataclass
+class Member:
+    """One layer inside a coupled unit: which of its channels map to which root channel."""
+
+    name: str
+    module: nn.Module
+    local: torch.Tensor
+    root: torch.Tensor
+
+
+@dataclass
+class Unit:
+    """A torch-pruning group: root channels that can only be removed together with all coupled channels."""
+
+    group: Any
+    root_name: str
+    size: int
+    norms: list[Member] = field(default_factory=list)
+    outs: list[Member] = field(default_factory=list)
+    ins: list[Member] = field(default_factory=list)
+
+    @property
+    def carriers(self) -> list[Member]:
+        """Entries counted by the ``channels`` budget: one per BN γ (the paper's count), else conv filters."""
+        return self.norms or [m for m in self.outs if not isinstance(m.module, nn.modules.batchnorm._BatchNorm)]
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (same object as the input, pruned in place), its report and replayable history."""
+
+    model: nn.Module
+    report: dict[str, Any]
+    history: list[list[Any]]
+    input_shape: list[int]
+
+    def save(self, path: str | Path) -> Path:
+        """Write weights + a plain description of the kept channels (see :func:`gcp.load_pruned`)."""
+        from .serialize import save_pruned
+
+        return save_pruned(self, path)
+
+
+def _validate(
+    ratio: Any, method: str, allocator: str, budget: str, coupling: str, round_to: int | None, min_keep: int
+) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {allocator!r}; choose from {ALLOCATORS}")
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose from {BUDGETS}")
+    if coupling not in COUPLINGS:
+        raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
+    if isinstance(ratio, Mapping):
+        if method != "gcp" or allocator != "explicit":
+            raise ValueError("per-group ratios (a mapping) need method='gcp' and allocator='explicit'")
+    else:
+        if not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0.0 < float(ratio) < 1.0:
+            raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
+        if method == "gcp" and allocator == "explicit":
+            raise ValueError("allocator='explicit' needs ratio as a mapping group name -> ratio")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+    if not isinstance(min_keep, int) or min_keep < 1:
+        raise ValueError(f"min_keep must be an integer >= 1, got {min_keep!r}")
+
+
+def _check_runs(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None) -> None:
+    try:
+        with torch.no_grad():
+            run_forward(model, example_inputs, forward_fn)
+    except Exception as exc:  # the user's forward may raise anything; show it
+        raise ValueError(
+            f"example_inputs do not run the model: {type(exc).__name__}: {exc}. Pass inputs the model accepts, "
+            "or a forward_fn(model, example_inputs)"
+        ) from exc
+
+
+def _resolve_ignored(model: nn.Module, ignored: Iterable[nn.Module | str] | None) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    result = []
+    for item in ignored or []:
+        if isinstance(item, str):
+            if item not in modules:
+                raise ValueError(f"ignored_layers: no module named {item!r} in the model")
+            result.append(modules[item])
+        elif isinstance(item, nn.Module):
+            result.append(item)
+        else:
+            raise TypeError(f"ignored_layers takes modules or module names, got {type(item).__name__}")
+    return result
+
+
+def _units(model: nn.Module, graph: Any, ignored: list[nn.Module]) -> list[Unit]:
+    names = {m: n for n, m in model.named_modules()}
+    units = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        if crosses_channel_split(graph, group):
+            continue
+        root = group[0].dep.target.module
+        unit = Unit(group=group, root_name=names[root], size=len(group[0].idxs))
+        for i, (dep, idxs) in enumerate(group):
+            root_idxs = group[i].root_idxs
+            if root_idxs is None or any(r is None for r in root_idxs) or not isinstance(dep.layer, nn.Module):
+                continue
+            member = Member(
+                names.get(dep.layer, ""), dep.layer, torch.as_tensor(list(idxs)), torch.as_tensor(root_idxs)
+            )
+            if dep.pruning_fn in NORM_OUT_FNS and getattr(dep.layer, "affine", False):
+                unit.norms.append(member)
+            if dep.pruning_fn in OUT_FNS:
+                unit.outs.append(member)
+            elif dep.pruning_fn in CONV_IN_FNS:
+                unit.ins.append(member)
+        units.append(unit)
+    return units
+
+
+def _check_round_to(units: Sequence[Unit], round_to: int | None) -> None:
+    if round_to is None:
+        return
+    for unit in units:
+        if unit.size < round_to:
+            raise ValueError(
+                f"round_to={round_to} is larger than layer {unit.root_name!r}, which has {unit.size} channels"
+            )
+
+
+def _constrain(unit: Unit, prune: torch.Tensor, rank: torch.Tensor, floor: int, round_to: int | None) -> torch.Tensor:
+    """Give channels back (best ``rank`` first) until every layer keeps ``floor`` and counts are rounded."""
+    keep_target = int((~prune).sum())
+    keep_target = max(keep_target, min(floor, unit.size))
+    if round_to:
+        keep_target = min(unit.size, int(math.ceil(keep_target / round_to)) * round_to)
+    prune = prune.clone()
+    order = torch.argsort(rank, descending=True)
+    pruned_order = [int(i) for i in order if prune[i]]
+    while int((~prune).sum()) < keep_target and pruned_order:
+        prune[pruned_order.pop(0)] = False
+    for member in unit.outs:
+        subset = torch.unique(member.root)
+        kept = int((~prune[subset]).sum())
+        need = min(floor, subset.numel()) - kept
+        if need > 0:
+            back = subset[prune[subset]]
+            back = back[torch.argsort(rank[back], descending=True)][:need]
+            prune[back] = False
+    return prune
+
+
+class _Decider:
+    """Turns thresholds (γ methods) or a uniform fraction (l1/thinet/random) into per-unit prune masks."""
+
+    def __init__(self, units: Sequence[Unit], floor: int, round_to: int | None) -> None:
+        self.units = units
+        self.floor = floor
+        self.round_to = round_to
+        self.gammas = [[m.module.weight.detach().abs().float().cpu()[m.local] for m in u.norms] for u in units]
+
+    def by_thresholds(self, thresholds: Mapping[str, float], coupling: str) -> list[torch.Tensor]:
+        masks = []
+        for unit, gammas in zip(self.units, self.gammas):
+            if not unit.norms:
+                masks.append(torch.zeros(unit.size, dtype=torch.bool))
+                continue
+            normalised = [g / max(thresholds[m.name], 1e-12) for g, m in zip(gammas, unit.norms)]
+            roots = [m.root for m in unit.norms]
+            score = coupled_scores(normalised, roots, unit.size, coupling)
+            rank = coupled_scores(normalised, roots, unit.size, "mean")
+            covered = torch.zeros(unit.size, dtype=torch.bool)
+            for r in roots:
+                covered[r] = True
+            prune = (score <= 0.5 if coupling == "vote" else score < 1.0) & covered
+            masks.append(_constrain(unit, prune, rank, self.floor, self.round_to))
+        return masks
+
+    def by_fraction(self, scores: Sequence[torch.Tensor], fraction: float) -> list[torch.Tensor]:
+        masks = []
+        for unit, score in zip(self.units, scores):
+            n_prune = int(math.floor(fraction * unit.size))
+            prune = torch.zeros(unit.size, dtype=torch.bool)
+            prune[torch.argsort(score)[:n_prune]] = True
+            masks.append(_constrain(unit, prune, score, self.floor, self.round_to))
+        return masks
+
+
+class _Budget:
+    """Measures what a set of prune masks removes: γ entries, parameters or MACs (fractions of the total)."""
+
+    def __init__(self, units: Sequence[Unit], kind: str, layer_macs: Mapping[nn.Module, float],
+                 layer_params: Mapping[nn.Module, float], total_macs: float, total_params: float) -> None:
+        self.units = units
+        self.kind = kind
+        self.total_carriers = sum(m.local.numel() for u in units for m in u.carriers)
+        self.cost = layer_macs if kind == "macs" else layer_params
+        self.total = total_macs if kind == "macs" else total_params
+        self.base_out: dict[nn.Module, int] = {}
+        self.base_in: dict[nn.Module, int] = {}
+        for unit in units:
+            for m in unit.outs:
+                self.base_out[m.module] = out_channels(m.module)
+            for m in unit.ins:
+                self.base_in[m.module] = _in_channels(m.module)
+
+    def __call__(self, masks: Sequence[torch.Tensor]) -> float:
+        if self.kind == "channels":
+            pruned = sum(int(mask[m.root].sum()) for u, mask in zip(self.units, masks) for m in u.carriers)
+            return pruned / max(self.total_carriers, 1)
+        out_pruned: dict[nn.Module, int] = {}
+        in_pruned: dict[nn.Module, int] = {}
+        for unit, mask in zip(self.units, masks):
+            for m in unit.outs:
+                out_pruned[m.module] = out_pruned.get(m.module, 0) + int(mask[m.root].sum())
+            for m in unit.ins:
+                in_pruned[m.module] = in_pruned.get(m.module, 0) + int(mask[m.root].sum())
+        removed = 0.0
+        for module in set(out_pruned) | set(in_pruned):
+            cost = float(self.cost.get(module) or 0.0)
+            keep_out = 1.0 - out_pruned.get(module, 0) / max(self.base_out.get(module, 1), 1)
+            keep_in = 1.0 - in_pruned.get(module, 0) / max(self.base_in.get(module, 1), 1)
+            depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) or depthwise:
+                keep = keep_out
+            else:
+                keep = keep_out * keep_in
+            removed += cost * (1.0 - keep)
+        return removed / max(self.total, 1.0)
+
+
+def _in_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return int(getattr(module, "in_channels", 0))
+
+
+def _calibration_batches(calib_data: Any, example_inputs: Any) -> list[Any]:
+    if calib_data is None:
+        return [example_inputs]
+    if isinstance(calib_data, torch.Tensor):
+        return [calib_data]
+    batches = list(calib_data)
+    if not batches:
+        raise ValueError("calib_data is empty: ThiNet and offset compensation need at least one batch")
+    return [b[0] if isinstance(b, (list, tuple)) and isinstance(b[0], torch.Tensor) and b[0].dim() == 4 else b
+            for b in batches]
+
+
+def _compensate(model: nn.Module, graph: Any, units: Sequence[Unit], masks: Sequence[torch.Tensor],
+                batches: Sequence[Any], forward_fn: ForwardFn | None) -> int:
+    """Fold the mean activation of every removed channel into its consumers (bias or next BN running mean).
+
+    A removed channel still carried a value: for γ = 0 exactly the constant act(β), otherwise on average its
+    mean. Its consumer conv W added Σ_k W[o, c, k] · mean_c to output o; we add that to the consumer's bias,
+    or subtract it from the running mean of the BatchNorm right after a bias-free conv. Returns the number of
+    removed consumer channels that had nowhere to fold into (warned about).
+    """
+    consumers = {m.module for u, mask in zip(units, masks) if mask.any() for m in u.ins}
+    if not consumers:
+        return 0
+    sums: dict[nn.Module, torch.Tensor] = {}
+    counts: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
+        x = inputs[0].detach().float()
+        dims = [0, 2, 3] if x.dim() == 4 else list(range(x.dim() - 1))
+        sums[module] = sums.get(module, 0) + x.sum(dim=dims).cpu()
+        counts[module] = counts.get(module, 0) + x.numel() // x.shape[1 if x.dim() == 4 else -1]
+
+    handles = [m.register_forward_hook(hook) for m in consumers]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run_forward(model, batch, forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+
+    uncompensated = 0
+    with torch.no_grad():
+        for unit, mask in zip(units, masks):
+            for member in unit.ins:
+                module = member.module
+                removed = member.local[mask[member.root]]
+                if removed.numel() == 0 or module not in sums:
+                    continue
+                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                    continue  # depthwise consumers lose the matching outputs too: nothing left to fold into
+                mean = (sums[module] / max(counts[module], 1))[removed]
+                weight = module.weight.detach().float()
+                w = weight[:, removed].flatten(2).sum(-1) if weight.dim() == 4 else weight[:, removed]
+                delta = (w * mean.to(w.device)).sum(1)
+                if not torch.isfinite(delta).all():
+                    continue
+                if getattr(module, "bias", None) is not None:
+                    module.bias.add_(delta.to(module.bias.dtype))
+                    continue
+                norm = _following_norm(graph, module)
+                if norm is not None and norm.running_mean is not None:
+                    norm.running_mean.sub_(delta.to(norm.running_mean.dtype))
+                else:
+                    uncompensated += int(removed.numel())
+    if uncompensated:
+        warnings.warn(
+            f"{uncompensated} removed channels feed a bias-free layer with no BatchNorm after it; their mean "
+            "activation could not be folded (the pruned model may shift slightly until fine-tuned)",
+            stacklevel=3,
+        )
+    return uncompensated
+
+
+def _following_norm(graph: Any, module: nn.Module) -> nn.Module | None:
+    node = graph.module2node.get(module)
+    if node is None or len(node.outputs) != 1:
+        return None
+    nxt = node.outputs[0].module
+    return nxt if isinstance(nxt, nn.modules.batchnorm._BatchNorm) else None
+
+
+def _gcp_groups(model: nn.Module, example_inputs: Any, groups: Any, forward_fn: ForwardFn | None,
+                output_transform: Callable[[Any], Any] | None) -> list[Group]:
+    if groups == "auto":
+        return partition(model, example_inputs, forward_fn=forward_fn, output_transform=output_transform)
+    if isinstance(groups, (str, Path)):
+        return groups_from_patterns(model, load_group_patterns(str(groups)))
+    if isinstance(groups, Mapping):
+        return groups_from_patterns(model, groups)
+    if isinstance(groups, Sequence) and all(isinstance(g, Group) for g in groups):
+        return list(groups)
+    raise TypeError("groups must be 'auto', a YAML path, a mapping name -> glob patterns, or a list of Group")
+
+
+def prune_detector(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ratio: float | Mapping[str, float],
+    method: str = "gcp",
+    groups: Any = "auto",
+    allocator: str = "valley",
+    budget: str = "channels",
+    coupling: str = "vote",
+    ignored_layers: Iterable[nn.Module | str] | None = None,
+    round_to: int | None = None,
+    min_keep: int = 1,
+    forward_fn: ForwardFn | None = None,
+    output_transform: Callable[[Any], Any] | None = None,
+    calib_data: Any = None,
+    seed: int = 0,
+) -> PruneResult:
+    """Structurally prune ``model`` in place so that ``ratio`` of its ``budget`` is removed.
+
+    ``method="gcp"`` is the paper's group channel pruning (§4.2): one |γ| threshold per group (``groups``,
+    default :func:`grouping.partition`), thresholds from ``allocator``, residual-coupled channels decided by
+    ``coupling`` (``"vote"``: the public mask of §4.2.3). ``"slim"`` is Network Slimming: one global |γ|
+    threshold. ``"thinet"`` (needs ``calib_data``), ``"l1"`` and ``"random"`` remove the same fraction of every
+    coupled unit, ranked by next-layer reconstruction, filter L1 norm or chance. Prediction layers (convs that
+    feed an output) keep their outputs; ``ignored_layers`` adds more. Removed channels' mean activations are
+    folded into their consumers. Bad input raises before the model is touched.
+    """
+    _validate(ratio, method, allocator, budget, coupling, round_to, min_keep)
+    if method == "thinet" and calib_data is None:
+        raise ValueError("method='thinet' needs calib_data: a few image batches to measure reconstruction error")
+    norms = prunable_norms(model)
+    if method in ("gcp", "slim"):
+        if not norms:
+            raise ValueError(
+                f"method={method!r} ranks channels by BatchNorm γ, but the model has no affine BatchNorm layer; "
+                "use method='l1' or method='thinet' instead"
+            )
+        bad = [n for n, m in norms.items() if not torch.isfinite(m.weight.detach()).all()]
+        if bad:
+            raise ValueError(f"non-finite BatchNorm γ in layers {bad[:5]}: the model's weights are corrupt")
+    ignored = _resolve_ignored(model, ignored_layers)
+    _check_runs(model, example_inputs, forward_fn)
+
+    was_training = model.training
+    model.eval()
+    try:
+        predictions = prediction_layers(model, example_inputs, forward_fn, output_transform)
+        modules = dict(model.named_modules())
+        ignored = ignored + [modules[p] for p in predictions if modules[p] not in ignored]
+        part = _gcp_groups(model, example_inputs, groups, forward_fn, output_transform) if method == "gcp" else None
+        graph = build_graph(model, example_inputs, forward_fn, output_transform)
+        units = _units(model, graph, ignored)
+        _check_round_to(units, round_to)
+        macs, params, layer_macs, layer_params = count_macs_params(model, example_inputs, forward_fn, layer_wise=True)
+        measure = _Budget(units, budget, layer_macs, layer_params, macs, params)
+        decider = _Decider(units, max(min_keep, round_to or 1), round_to)
+        batches = _calibration_batches(calib_data, example_inputs)
+
+        thresholds: dict[str, float] = {}
+        if method in ("gcp", "slim"):
+            in_units = {m.name for u in units for m in u.norms}
+            if method == "slim":
+                part = [Group("global", [n for n in norms if n in in_units], 0, "global")]
+            else:
+                part = [Group(g.name, [n for n in g.layers if n in in_units], g.stride, g.kind, g.patterns)
+                        for g in part]
+                part = [g for g in part if g.layers] if allocator != "explicit" else part
+            layer_group = {n: g.name for g in part for n in g.layers}
+            importances = {n: norms[n].weight.detach().abs().float().cpu() for n in layer_group}
+
+            def by_group(group_thresholds: Mapping[str, float]) -> dict[str, float]:
+                return {n: group_thresholds[g] for n, g in layer_group.items()}
+
+            allocation = allocate(
+                part,
+                importances,
+                ratio,
+                "paper" if method == "slim" else allocator,
+                budget=lambda t: measure(decider.by_thresholds(by_group(t), coupling)),
+            )
+            thresholds = allocation.thresholds
+            masks = decider.by_thresholds(by_group(thresholds), coupling)
+        else:
+            scorer = {"l1": L1FilterImportance, "random": lambda: RandomImportance(seed)}.get(method)
+            if method == "thinet":
+                scorer = ThiNetImportance(seed=seed)
+                consumers = {m.module for u in units for m in u.ins}
+                scorer.collect(model, batches, consumers, lambda mdl, b: run_forward(mdl, b, forward_fn))
+            else:
+                scorer = scorer()
+            scores = []
+            for unit in units:
+                score = scorer(unit.group)
+                scores.append(score.float().cpu() if score is not None else torch.zeros(unit.size))
+            fraction = bisect(lambda q: measure(decider.by_fraction(scores, q)), float(ratio), 0.0, 1.0)
+            masks = decider.by_fraction(scores, fraction)
+            warn_if_missed(measure(masks), float(ratio))
+
+        before = _layer_channels(model)
+        _compensate(model, graph, units, masks, batches, forward_fn)
+        for unit, mask in zip(units, masks):
+            idxs = torch.nonzero(mask).flatten().tolist()
+            if idxs:
+                root = unit.group[0].dep
+                graph.get_pruning_group(root.target.module, root.handler, idxs).prune()
+        history = [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()]
+        report = build_report(
+            model, example_inputs, forward_fn,
+            method=method, requested=ratio, budget=budget, achieved=measure(masks),
+            before=(macs, params, before), groups=part, thresholds=thresholds,
+        )
+    finally:
+        model.train(was_training)
+    return PruneResult(model=model, report=report, history=history,
+                       input_shape=list(first_image_tensor(example_inputs).shape))
+
+
+def _layer_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels of every conv, linear and BatchNorm layer, by name."""
+    return {
+        n: out_channels(m)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm))
+    }

@@ -1,0 +1,120 @@
+"""What pruning did, in numbers: params, MACs and fp32 size before/after, per group and per layer (JSON-ready)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from grouping import Group
+from grouping.trace import ForwardFn, run_forward
+
+from .io import atomic_write_json
+
+BYTES_PER_MB = 2**20
+
+
+class _ForwardWrapper(nn.Module):
+    """Lets torch-pruning's op counter call models that need a custom ``forward_fn``."""
+
+    def __init__(self, model: nn.Module, forward_fn: ForwardFn | None) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_fn = forward_fn
+
+    def forward(self, inputs: Any) -> Any:
+        return run_forward(self.model, inputs, self.forward_fn)
+
+
+def count_macs_params(
+    model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None, layer_wise: bool = False
+) -> tuple:
+    """MACs and parameter count with torch-pruning's counter (the count the paper's Table 2 is compared with).
+
+    With ``layer_wise`` also returns dicts module → MACs and module → params of the *given* model's modules.
+    The counter works on a deep copy, so the model is untouched.
+    """
+    wrapper = _ForwardWrapper(model, forward_fn)
+    was_training = model.training
+    try:
+        result = tp.utils.count_ops_and_params(wrapper, {"inputs": example_inputs}, layer_wise=layer_wise)
+    finally:
+        model.train(was_training)
+    if not layer_wise:
+        return float(result[0]), float(result[1])
+    macs, params, layer_macs, layer_params = result
+    return float(macs), float(params), layer_macs, layer_params
+
+
+def size_mb(params: float) -> float:
+    """fp32 size in MB (2**20 bytes) of ``params`` parameters, as the paper's model sizes are quoted."""
+    return params * 4 / BYTES_PER_MB
+
+
+def build_report(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None,
+    *,
+    method: str,
+    requested: float | Mapping[str, float],
+    budget: str,
+    achieved: float,
+    before: tuple[float, float, Mapping[str, int]],
+    groups: Sequence[Group] | None,
+    thresholds: Mapping[str, float],
+) -> dict[str, Any]:
+    """Assemble the JSON-serialisable report of a finished pruning run."""
+    macs_before, params_before, channels_before = before
+    with torch.no_grad():
+        macs_after, params_after = count_macs_params(model, example_inputs, forward_fn)
+    modules = dict(model.named_modules())
+    channels_after = {n: out_channels(modules[n]) for n in channels_before if n in modules}
+    report: dict[str, Any] = {
+        "method": method,
+        "budget": budget,
+        "requested": dict(requested) if isinstance(requested, Mapping) else float(requested),
+        "achieved": float(achieved),
+        "params": {"before": params_before, "after": params_after, "pruned": 1 - params_after / params_before},
+        "macs": {"before": macs_before, "after": macs_after, "pruned": 1 - macs_after / max(macs_before, 1.0)},
+        "size_mb": {"before": size_mb(params_before), "after": size_mb(params_after)},
+        "groups": [],
+        "layers": [
+            {"name": n, "before": channels_before[n], "after": channels_after.get(n, channels_before[n])}
+            for n in channels_before
+        ],
+    }
+    for g in groups or []:
+        b = sum(channels_before.get(n, 0) for n in g.layers)
+        a = sum(channels_after.get(n, 0) for n in g.layers)
+        report["groups"].append(
+            {
+                "name": g.name,
+                "kind": g.kind,
+                "stride": g.stride,
+                "layers": list(g.layers),
+                "channels_before": b,
+                "channels_after": a,
+                "ratio": 1 - a / b if b else 0.0,
+                "threshold": float(thresholds.get(g.name, 0.0)),
+            }
+        )
+    return report
+
+
+def out_channels(module: nn.Module) -> int:
+    """Output channels of a conv, linear or BatchNorm layer."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    return int(getattr(module, "num_features", 0))
+
+
+def save_report(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a report as JSON, atomically."""
+    return atomic_write_json(path, report)

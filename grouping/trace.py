@@ -1,0 +1,173 @@
+"""One observed forward pass: which leaf module runs when, at which feature-map stride, and which feeds an output.
+
+Grouping (paper §4.2.1) is by *feature scale* and *module structure*; both are read off a real forward pass rather
+than off module names, so the same code serves our YOLOs and detectors we did not write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """What one leaf module did in the traced forward pass.
+
+    ``stride`` is input size / output size of the module's (first) 4-D output, rounded to an integer; 0 when the
+    output is not a feature map.
+    """
+
+    name: str
+    type: str
+    order: int
+    stride: int
+    out_shape: tuple[int, ...]
+    module: nn.Module = field(repr=False, compare=False)
+
+
+def first_image_tensor(example_inputs: Any) -> torch.Tensor:
+    """The first 4-D tensor found in ``example_inputs`` (a tensor, or nested list/tuple/dict of them)."""
+    if isinstance(example_inputs, torch.Tensor):
+        if example_inputs.dim() == 4:
+            return example_inputs
+        if example_inputs.dim() == 3:  # a single image, as torchvision detectors take them
+            return example_inputs.unsqueeze(0)
+    if isinstance(example_inputs, dict):
+        example_inputs = list(example_inputs.values())
+    if isinstance(example_inputs, (list, tuple)):
+        for item in example_inputs:
+            try:
+                return first_image_tensor(item)
+            except ValueError:
+                continue
+    raise ValueError("example_inputs holds no image tensor of shape (B, 3, H, W)")
+
+
+def flatten_tensors(obj: Any) -> list[torch.Tensor]:
+    """All tensors in a nested output (tensor, list, tuple, dict, or object with tensor attributes in a dict)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in flatten_tensors(item)]
+    return []
+
+
+def run_forward(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None) -> Any:
+    """Call the model the way torch-pruning's tracer does: ``forward_fn(model, inputs)`` or ``model(inputs)``."""
+    if forward_fn is not None:
+        return forward_fn(model, example_inputs)
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, tuple):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(iter(module.children()), None) is None
+
+
+def _output_stride(output: Any, input_hw: tuple[int, int]) -> tuple[int, tuple[int, ...]]:
+    tensors = [t for t in flatten_tensors(output) if t.dim() == 4]
+    if not tensors:
+        first = flatten_tensors(output)
+        return 0, tuple(first[0].shape) if first else ()
+    out = tensors[0]
+    stride = max(input_hw[0] / out.shape[-2], input_hw[1] / out.shape[-1])
+    return max(1, round(stride)), tuple(out.shape)
+
+
+def trace_layers(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    modules: Iterable[nn.Module] | None = None,
+) -> list[LayerTrace]:
+    """Run one forward pass (no grad) and return every leaf module that ran, in execution order.
+
+    A module called several times (a shared activation) is recorded at its first call. ``modules`` restricts
+    the hooks to those modules (default: every leaf module). The model's train/eval mode is left as it was.
+    """
+    input_hw = tuple(first_image_tensor(example_inputs).shape[-2:])
+    names = {module: name for name, module in model.named_modules()}
+    targets = list(modules) if modules is not None else [m for m in model.modules() if _is_leaf(m)]
+    records: dict[nn.Module, LayerTrace] = {}
+
+    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        if module in records:
+            return
+        stride, shape = _output_stride(output, input_hw)
+        records[module] = LayerTrace(
+            name=names.get(module, ""),
+            type=type(module).__name__,
+            order=len(records),
+            stride=stride,
+            out_shape=shape,
+            module=module,
+        )
+
+    handles = [m.register_forward_hook(hook) for m in targets]
+    try:
+        with torch.no_grad():
+            run_forward(model, example_inputs, forward_fn)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(records.values(), key=lambda r: r.order)
+
+
+def prediction_layers(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    output_transform: Callable[[Any], Any] | None = None,
+    layer_types: Sequence[type[nn.Module]] = (nn.Conv2d, nn.Linear),
+) -> list[str]:
+    """Names of the conv/linear layers whose outputs reach a model output through parameter-free ops only.
+
+    These are the prediction layers: their output channels *are* the detector's output format (anchors × (5 +
+    classes)), so they must keep all of them. Found by walking the autograd graph back from every output tensor
+    until the first conv/linear on each path, which works whatever reshapes, concats or sigmoids sit between.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    grad_fn_owner: dict[Any, str] = {}
+
+    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        for tensor in flatten_tensors(output):
+            if tensor.grad_fn is not None:
+                grad_fn_owner.setdefault(tensor.grad_fn, names[module])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, tuple(layer_types))]
+    try:
+        with torch.enable_grad():
+            outputs = run_forward(model, example_inputs, forward_fn)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if output_transform is not None:
+        outputs = output_transform(outputs)
+
+    found: list[str] = []
+    stack = [t.grad_fn for t in flatten_tensors(outputs) if t.grad_fn is not None]
+    seen: set[Any] = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        owner = grad_fn_owner.get(fn)
+        if owner is not None:
+            if owner not in found:
+                found.append(owner)
+            continue
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
