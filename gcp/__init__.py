@@ -4,6 +4,7 @@ Chu et al., "Group channel pruning and spatial attention distilling for object d
 2022 (arXiv 2306.01526), as a plugin on torch-pruning.
 """
 
+from .graph import pruning_ratio_dict
 from .importance import BNGammaImportance, L1FilterImportance, RandomImportance, ThiNetImportance
 from .prune import PruneResult, prune_detector
 from .serialize import load_pruned
@@ -18,4 +19,5 @@ __all__ = [
     "ThiNetImportance",
     "load_pruned",
     "prune_detector",
+    "pruning_ratio_dict",
 ]

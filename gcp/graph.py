@@ -14,7 +14,7 @@ No per-architecture rule is involved.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch_pruning as tp
@@ -89,7 +89,11 @@ def repair_splits(graph: Any) -> int:
         plans.append((node, [list(bounds[n]) for n in numbers]))
     if not plans:
         return 0
-    index_mapping.update_index_mapping(graph)  # concat offsets depend on the corrected split sizes
+    for node in graph.module2node.values():  # concat sizes were inferred from the wrong split sizes: redo them
+        if node.type == ops.OPTYPE.CONCAT:
+            node.module.concat_sizes = None
+            node.module.offsets = None
+    index_mapping.update_index_mapping(graph)
     for node, spans in plans:
         for out_node, span in zip(node.outputs, spans):
             for dep in node.dependencies:
@@ -132,3 +136,42 @@ def crosses_channel_split(graph: Any, group: Any) -> bool:
             if dim == CHANNEL_DIM:
                 return True
     return False
+
+
+def producer_of(graph: Any, norm: nn.Module) -> nn.Module | None:
+    """The conv/linear layer whose output a BatchNorm normalises (its channels are the BN's channels)."""
+    node = graph.module2node.get(norm)
+    if node is None:
+        return None
+    for parent in node.inputs:
+        if isinstance(parent.module, (nn.modules.conv._ConvNd, nn.Linear)):
+            return parent.module
+    return None
+
+
+def pruning_ratio_dict(
+    model: nn.Module,
+    example_inputs: Any,
+    groups: Sequence[Mapping[str, Any]],
+    forward_fn: ForwardFn | None = None,
+) -> dict[tuple[nn.Module, ...], float]:
+    """Express a group allocation as torch-pruning ``pruning_ratio_dict`` scopes.
+
+    ``groups`` are the report's group entries (``name``, ``layers`` = BatchNorm names, ``ratio``); each becomes
+    one scope: the tuple of convs producing those BatchNorms, pruned at the group's ratio with a ranking shared
+    inside the scope, which is what a per-group threshold means (§4.2.2).
+    """
+    graph = build_graph(model, example_inputs, forward_fn)
+    modules = dict(model.named_modules())
+    scopes: dict[tuple[nn.Module, ...], float] = {}
+    for entry in groups:
+        convs = []
+        for name in entry["layers"]:
+            if name not in modules:
+                raise ValueError(f"group {entry['name']!r}: no layer named {name!r} in the model")
+            conv = producer_of(graph, modules[name])
+            if conv is not None and conv not in convs:
+                convs.append(conv)
+        if convs:
+            scopes[tuple(convs)] = float(entry["ratio"])
+    return scopes

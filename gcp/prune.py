@@ -416,11 +416,11 @@ def prune_detector(
         if bad:
             raise ValueError(f"non-finite BatchNorm γ in layers {bad[:5]}: the model's weights are corrupt")
     ignored = _resolve_ignored(model, ignored_layers)
-    _check_runs(model, example_inputs, forward_fn)
 
     was_training = model.training
-    model.eval()
+    model.eval()  # analysis passes must not move BatchNorm running statistics
     try:
+        _check_runs(model, example_inputs, forward_fn)
         predictions = prediction_layers(model, example_inputs, forward_fn, output_transform)
         modules = dict(model.named_modules())
         ignored = ignored + [modules[p] for p in predictions if modules[p] not in ignored]

@@ -41,7 +41,7 @@ def count_macs_params(
     wrapper = _ForwardWrapper(model, forward_fn)
     was_training = model.training
     try:
-        result = tp.utils.count_ops_and_params(wrapper, {"inputs": example_inputs}, layer_wise=layer_wise)
+        result = tp.utils.count_ops_and_params(wrapper, (example_inputs,), layer_wise=layer_wise)
     finally:
         model.train(was_training)
     if not layer_wise:

@@ -32,7 +32,7 @@ FORMAT = "gcp.pruned/1"
 def _digest(meta: str, state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(meta.encode("utf-8"))
     for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
+        tensor = state[key].detach().cpu().contiguous().reshape(-1)
         h.update(key.encode("utf-8"))
         h.update(str(tensor.dtype).encode())
         h.update(str(list(tensor.shape)).encode())

@@ -7,7 +7,9 @@ from torch import nn
 
 
 def cbl(cin: int, cout: int, k: int = 3, s: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1)
+    )
 
 
 class Residual(nn.Module):
@@ -49,12 +51,12 @@ class SPP(nn.Module):
 class ToyDetector(nn.Module):
     """Two outputs (strides 8 and 16); backbone → SPP → top-down neck → heads, like a tiny YOLOv4."""
 
-    def __init__(self, width: int = 16, outputs: int = 12) -> None:
+    def __init__(self, width: int = 16, outputs: int = 12, split: bool = True) -> None:
         super().__init__()
         w = width
         self.stem = cbl(3, w, 3, 2)
         self.stage1 = nn.Sequential(cbl(w, 2 * w, 3, 2), Residual(2 * w))
-        self.stage2 = nn.Sequential(cbl(2 * w, 4 * w, 3, 2), SplitCSP(4 * w))
+        self.stage2 = nn.Sequential(cbl(2 * w, 4 * w, 3, 2), SplitCSP(4 * w) if split else Residual(4 * w))
         self.stage3 = nn.Sequential(cbl(4 * w, 8 * w, 3, 2), Residual(8 * w))
         self.spp = SPP(8 * w)
         self.lateral = cbl(8 * w, 4 * w, 1)

@@ -1,0 +1,137 @@
+import warnings
+
+import pytest
+import torch
+from _core_toys import ToyDetector, randomise_bn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import grouping
+from grouping import Group, allocate, groups_from_patterns, partition, quantile_threshold, valley
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return randomise_bn(ToyDetector()), torch.randn(1, 3, 64, 64)
+
+
+def test_partition_finds_backbone_neck_head(toy):
+    model, x = toy
+    groups = partition(model, x)
+    kinds = [g.kind for g in groups]
+    assert kinds == ["backbone", "backbone", "backbone", "neck", "head"]
+    assert [g.stride for g in groups[:3]] == [4, 8, 16]
+    by_name = {g.name: g for g in groups}
+    assert "head8.0.1" in by_name["head"].layers and "head16.0.1" in by_name["head"].layers
+    assert "down.1" in by_name["head"].layers  # the bottom-up path joins the heads (paper Group5)
+    assert by_name["neck"].layers == ["fuse.1"]
+    assert (
+        "spp.cv2.1" in by_name["backbone_s16"].layers
+    )  # CBLs around SPP sit with backbone stride 32 (Group3)
+    every = [n for g in groups for n in g.layers]
+    assert sorted(every) == sorted(grouping.prunable_norms(model))
+    assert len(every) == len(set(every))
+
+
+def test_partition_leaves_model_untouched(toy):
+    model, x = toy
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    partition(model, x)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+
+
+def test_partition_single_output_falls_back_to_strides():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16)
+    )
+    with pytest.warns(UserWarning, match="stride-only"):
+        groups = partition(model, torch.randn(1, 3, 32, 32))
+    assert [g.kind for g in groups] == ["stride", "stride"]
+    assert [g.layers for g in groups] == [["1"], ["4"]]
+
+
+def test_partition_needs_batchnorm():
+    with pytest.raises(ValueError, match="no affine BatchNorm"):
+        partition(nn.Conv2d(3, 3, 1), torch.randn(1, 3, 8, 8))
+
+
+def test_patterns_errors_name_the_problem(toy):
+    model, _ = toy
+    with pytest.raises(ValueError, match="matches no BatchNorm layer"):
+        groups_from_patterns(model, {"a": ["nothing.*"]})
+    with pytest.raises(ValueError, match="matched by both"):
+        groups_from_patterns(model, {"a": ["stem.*"], "b": ["stem.1"]})
+    groups = groups_from_patterns(model, {"early": ["stem.*", "stage1.*"], "late": "head*"})
+    assert groups[0].layers[0] == "stem.1" and all(n.startswith("head") for n in groups[1].layers)
+
+
+def _groups_with(values):
+    groups, imps = [], {}
+    for i, v in enumerate(values):
+        groups.append(Group(f"g{i}", [f"l{i}"], 0, "custom"))
+        imps[f"l{i}"] = torch.as_tensor(v, dtype=torch.float32)
+    return groups, imps
+
+
+def test_explicit_allocation_is_per_group_quantile():
+    groups, imps = _groups_with([torch.arange(1, 11) / 10, torch.arange(1, 21) / 10])
+    alloc = allocate(groups, imps, {"g0": 0.3, "g1": 0.5}, "explicit")
+    assert alloc.ratios == {"g0": pytest.approx(0.3), "g1": pytest.approx(0.5)}
+    assert alloc.achieved == pytest.approx((3 + 10) / 30)
+    with pytest.raises(ValueError, match="missing groups"):
+        allocate(groups, imps, {"g0": 0.3}, "explicit")
+    with pytest.raises(ValueError, match=r"unknown groups \['zz'\]; valid groups: \['g0', 'g1'\]"):
+        allocate(groups, imps, {"g0": 0.3, "g1": 0.1, "zz": 0.1}, "explicit")
+
+
+def test_paper_allocation_prunes_each_group_by_the_total_ratio():
+    groups, imps = _groups_with([torch.rand(100), torch.rand(300) * 5])
+    alloc = allocate(groups, imps, 0.4, "paper")
+    assert alloc.achieved == pytest.approx(0.4, abs=0.005)
+    assert alloc.ratios["g0"] == pytest.approx(0.4, abs=0.01) and alloc.ratios["g1"] == pytest.approx(
+        0.4, abs=0.01
+    )
+
+
+def _bimodal(n_low, n_high, low, high, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.rand(n_low, generator=g) * low, high * (1 + torch.rand(n_high, generator=g))])
+
+
+def test_valley_sits_between_the_modes():
+    values = _bimodal(600, 400, 1e-3, 0.5, 0)
+    v = valley(values)
+    assert 1e-3 <= v <= 0.5
+
+
+def test_valley_allocation_meets_budget_and_prunes_redundant_group_more():
+    # group 0: 90 % near zero (redundant, like the paper's Group3); group 1: 10 % near zero
+    groups, imps = _groups_with([_bimodal(900, 100, 1e-3, 0.5, 1), _bimodal(100, 900, 1e-3, 0.5, 2)])
+    alloc = allocate(groups, imps, 0.45, "valley")
+    assert abs(alloc.achieved - 0.45) <= 0.005
+    assert alloc.ratios["g0"] > 0.8 and alloc.ratios["g1"] < 0.2
+
+
+def test_allocation_rejects_bad_ratio():
+    groups, imps = _groups_with([torch.rand(10)])
+    for bad in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(ValueError, match="ratio must be in"):
+            allocate(groups, imps, bad, "valley")
+    with pytest.raises(ValueError, match="unknown allocator"):
+        allocate(groups, imps, 0.5, "magic")
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=1, max_size=60, unique=True), st.floats(0.0, 1.0)
+)
+def test_quantile_threshold_removes_exactly_the_rounded_count(values, ratio):
+    t = torch.tensor(values, dtype=torch.float64)
+    threshold = quantile_threshold(t, ratio)
+    expected = int(round(ratio * len(values)))
+    with warnings.catch_warnings():
+        assert int((t < threshold).sum()) == expected

@@ -1,0 +1,286 @@
+import copy
+import warnings
+
+import pytest
+import torch
+import torch_pruning as tp
+from _core_toys import ToyDetector, cbl, randomise_bn
+from torch import nn
+
+import gcp
+from gcp.graph import build_graph
+from gcp.importance import BNGammaImportance
+from grouping import prediction_layers
+
+X = torch.randn(1, 3, 64, 64)
+CALIB = [torch.randn(2, 3, 64, 64)]
+
+
+def fresh(seed: int = 0, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomise_bn(ToyDetector(**kw), seed)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["gcp", "slim", "l1", "random", "thinet"])
+def test_every_method_prunes_and_keeps_output_shapes(method):
+    model = fresh()
+    shapes = [o.shape for o in model(X)]
+    params = sum(p.numel() for p in model.parameters())
+    result = gcp.prune_detector(model, X, ratio=0.3, method=method, calib_data=CALIB)
+    assert result.model is model
+    assert [o.shape for o in model(X)] == shapes
+    model.train()
+    assert [o.shape[1:] for o in model(torch.randn(2, 3, 64, 64))] == [s[1:] for s in shapes]
+    assert sum(p.numel() for p in model.parameters()) < params
+    assert result.report["params"]["after"] < result.report["params"]["before"]
+
+
+@pytest.mark.parametrize("budget", ["channels", "params", "macs"])
+@pytest.mark.parametrize("method", ["gcp", "slim"])
+def test_budget_is_met_within_half_a_point(method, budget):
+    model = fresh()
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    before = {n: dict(model.named_modules())[n].num_features for n in norms}
+    report = gcp.prune_detector(model, X, ratio=0.35, method=method, budget=budget).report
+    if budget == "channels":
+        # counted as the paper sorts them: one entry per BN γ, over the layers that can be pruned at all
+        after = {r["name"]: r["after"] for r in report["layers"]}
+        removed = sum(before[n] - after[n] for n in norms)
+        prunable = sum(before[n] for n in norms) - 0  # split-locked BNs count as kept, so measure achieved
+        assert abs(report["achieved"] - 0.35) <= 0.005
+        assert removed / prunable <= report["achieved"] + 1e-9
+    else:
+        assert abs(report[budget]["pruned"] - 0.35) <= 0.005, report[budget]
+
+
+def test_prediction_layers_keep_their_outputs():
+    model = fresh()
+    assert sorted(prediction_layers(model, X)) == ["head16.1", "head8.1"]
+    gcp.prune_detector(model, X, ratio=0.5, method="l1")
+    assert model.head8[1].out_channels == 12 and model.head16[1].out_channels == 12
+
+
+def test_ignored_layers_are_not_pruned():
+    model = fresh()
+    gcp.prune_detector(model, X, ratio=0.5, method="l1", ignored_layers=["stem.0", model.spp.cv2[0]])
+    assert model.stem[0].out_channels == 16 and model.spp.cv2[0].out_channels == 128
+
+
+def test_min_keep_and_round_to_hold_for_every_layer():
+    model = fresh()
+    gcp.prune_detector(model, X, ratio=0.7, method="slim", round_to=8, min_keep=8)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and not name.endswith(("head8.1", "head16.1")):
+            assert m.out_channels >= 8 and m.out_channels % 8 == 0, (name, m.out_channels)
+
+
+class VoteNet(nn.Module):
+    """Three BN branches summed: their channels are coupled by the add (paper §4.2.3, Fig. 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (
+            nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)) for _ in "abc"
+        )
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return [self.head(torch.relu(self.a(x) + self.b(x) + self.c(x)))]
+
+
+def vote_net():
+    model = VoteNet().eval()
+    gammas = {"a": [0.01, 0.1, 0.9, 0.1], "b": [0.01, 0.9, 0.9, 0.9], "c": [4.0, 0.9, 0.9, 0.9]}
+    for branch, values in gammas.items():
+        getattr(model, branch)[1].weight.data = torch.tensor(values)
+    return model
+
+
+@pytest.mark.parametrize(("coupling", "kept"), [("vote", 3), ("mean", 4), ("max", 4)])
+def test_public_mask_vote(coupling, kept):
+    # With one threshold of 0.5 (4 of the 12 γ are below it): channel 0 is voted out by a and b (Z=2 >= 3/2)
+    # although c holds it at γ=4; channel 1 and 3 have one remove vote only (Z=1 < 3/2), channel 2 none.
+    # "mean" keeps channel 0 (mean of |γ|/t = 2.68 >= 1), "max" keeps everything unless all agree.
+    model = vote_net()
+    groups = {"all": ["a.1", "b.1", "c.1"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = gcp.prune_detector(
+            model, X, ratio={"all": 4 / 12}, allocator="explicit", groups=groups, coupling=coupling
+        )
+    assert result.report["groups"][0]["threshold"] == pytest.approx(0.5)
+    assert model.a[1].num_features == kept
+    if coupling == "vote":
+        assert model.c[1].weight.tolist() == pytest.approx([0.9, 0.9, 0.9])  # channel 0 (γ=4 in c) went
+        assert result.report["achieved"] == pytest.approx(3 / 12)
+
+
+def test_bn_gamma_importance_vote_on_a_dependency_group():
+    model = vote_net()
+    graph = build_graph(model, X)
+    group = graph.get_pruning_group(model.a[0], tp.prune_conv_out_channels, idxs=list(range(4)))
+    thresholds = {model.a[1]: 0.5, model.b[1]: 0.5, model.c[1]: 0.5}
+    keep_share = BNGammaImportance(thresholds, reduction="vote")(group)
+    assert keep_share.tolist() == pytest.approx([1 / 3, 2 / 3, 1.0, 2 / 3])
+    plain = BNGammaImportance()(group)
+    assert plain.tolist() == pytest.approx([(0.01 + 0.01 + 4) / 3, 1.9 / 3, 0.9, 1.9 / 3])
+
+
+class Chain(nn.Module):
+    def __init__(self, k2: int):
+        super().__init__()
+        self.first = cbl(3, 8, 3)
+        self.second = cbl(8, 8, k2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return [self.head(self.second(self.first(x)))]
+
+
+@pytest.mark.parametrize("k2", [1, 3])
+def test_removed_channels_offset_is_compensated(k2):
+    torch.manual_seed(0)
+    model = randomise_bn(Chain(k2))
+    bn = model.first[1]
+    bn.weight.data[[1, 4, 6]] = 0.0  # these channels now carry the constant LeakyReLU(β)
+    bn.bias.data[[1, 4, 6]] = torch.tensor([0.7, -0.4, 1.3])
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        masked = model(x)[0]
+    groups = {"first": ["first.1"], "second": ["second.1"]}
+    gcp.prune_detector(model, x, ratio={"first": 3 / 8, "second": 0.0}, allocator="explicit", groups=groups)
+    assert model.first[0].out_channels == 5
+    with torch.no_grad():
+        pruned = model(x)[0]
+    if k2 == 1:
+        torch.testing.assert_close(pruned, masked, atol=1e-4, rtol=0)
+    else:  # only the 1-pixel border, where zero padding met the constant, may differ
+        torch.testing.assert_close(pruned[..., 1:-1, 1:-1], masked[..., 1:-1, 1:-1], atol=1e-4, rtol=0)
+        assert not torch.allclose(pruned, masked, atol=1e-4)
+
+
+def test_split_blocks_are_pruned_safely_and_graph_indices_are_right():
+    model = fresh()
+    graph = build_graph(model, X)
+    res_b = model.stage2[1].res.b[0]
+    group = graph.get_pruning_group(res_b, tp.prune_conv_out_channels, idxs=[0, 5])
+    by_layer = {(dep.layer, dep.pruning_fn): list(idxs) for dep, idxs in group}
+    # the residual half is the SECOND chunk: channels 32.. of cv1's output and of cv2's concatenated input
+    assert by_layer[(model.stage2[1].cv1[0], tp.prune_conv_out_channels)] == [32, 37]
+    assert by_layer[(model.stage2[1].cv2[0], tp.prune_conv_in_channels)] == [32, 37]
+    gcp.prune_detector(model, X, ratio=0.4, method="l1")
+    assert model.stage2[1].cv1[0].out_channels == 64  # chunk(2) re-splits at run time: kept whole
+    model(X)
+
+
+def test_bn_gamma_importance_works_inside_torch_pruning_pruner():
+    model = fresh(split=False)
+    heads = [model.head8[1], model.head16[1]]
+    pruner = tp.pruner.MetaPruner(
+        model, X, importance=BNGammaImportance(), pruning_ratio=0.3, global_pruning=True, ignored_layers=heads
+    )
+    before = sum(p.numel() for p in model.parameters())
+    pruner.step()
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert [o.shape[1] for o in model(X)] == [12, 12]
+
+
+def test_allocation_is_expressible_as_pruning_ratio_dict():
+    model = fresh(split=False)
+    heads = [model.head8[1], model.head16[1]]
+    result = gcp.prune_detector(copy.deepcopy(model), X, ratio=0.3, method="gcp")
+    scopes = gcp.pruning_ratio_dict(model, X, result.report["groups"])
+    assert scopes and all(isinstance(k, tuple) and 0 <= v < 1 for k, v in scopes.items())
+    pruner = tp.pruner.MetaPruner(
+        model, X, importance=BNGammaImportance(), pruning_ratio_dict=scopes, ignored_layers=heads
+    )
+    pruner.step()
+    assert [o.shape[1] for o in model(X)] == [12, 12]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = fresh()
+    result = gcp.prune_detector(model, X, ratio=0.4)
+    path = result.save(tmp_path / "pruned.pt")
+    payload = torch.load(path, weights_only=True)  # plain tensors and strings only
+    assert payload["format"] == "gcp.pruned/1"
+    restored = gcp.load_pruned(path, base=ToyDetector())
+    with torch.no_grad():
+        for a, b in zip(model.eval()(X), restored(X)):
+            assert torch.equal(a, b)
+
+
+def test_load_rejects_other_architecture_truncated_and_tampered(tmp_path):
+    result = gcp.prune_detector(fresh(), X, ratio=0.4)
+    path = result.save(tmp_path / "pruned.pt")
+    with pytest.raises(ValueError, match="do not match|does not fit|does not exist"):
+        gcp.load_pruned(path, base=ToyDetector(width=8))
+    data = path.read_bytes()
+    (tmp_path / "short.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable"):
+        gcp.load_pruned(tmp_path / "short.pt", base=ToyDetector())
+    payload = torch.load(path, weights_only=True)
+    key = next(k for k in payload["state_dict"] if k.endswith("weight"))
+    payload["state_dict"][key] = payload["state_dict"][key] + 1
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        gcp.load_pruned(tmp_path / "edited.pt", base=ToyDetector())
+    with pytest.raises(ValueError, match="not built by gcp.models"):
+        gcp.load_pruned(path)
+
+
+def _no_bn_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+BAD_INPUTS = [
+    (dict(ratio=0.0), "ratio must be a number in"),
+    (dict(ratio=1.0), "ratio must be a number in"),
+    (dict(ratio=float("nan")), "ratio must be a number in"),
+    (dict(ratio=0.3, method="magic"), "unknown method"),
+    (dict(ratio=0.3, groups={"a": ["nope*"]}), "matches no BatchNorm"),
+    (dict(ratio={"backbone_s4": 0.1}, allocator="explicit"), "missing groups"),
+    (dict(ratio={"bogus": 0.1}, allocator="explicit"), r"unknown groups \['bogus'\]; valid groups"),
+    (dict(ratio=0.3, method="thinet"), "needs calib_data"),
+    (dict(ratio=0.3, round_to=64), "round_to=64 is larger than layer"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_INPUTS)
+def test_bad_input_raises_and_leaves_model_untouched(kwargs, message):
+    model = fresh()
+    model.train()
+    before = state(model)
+    with pytest.raises(ValueError, match=message):
+        gcp.prune_detector(model, X, **kwargs)
+    assert same_state(before, state(model)) and model.training
+
+
+def test_no_batchnorm_suggests_other_methods():
+    model = _no_bn_model()
+    before = state(model)
+    for method in ("gcp", "slim"):
+        with pytest.raises(ValueError, match="method='l1' or method='thinet'"):
+            gcp.prune_detector(model, X, ratio=0.3, method=method)
+    assert same_state(before, state(model))
+
+
+def test_non_finite_gamma_and_bad_inputs_shape():
+    model = fresh()
+    model.stage1[0][1].weight.data[3] = float("nan")
+    before = state(model)
+    with pytest.raises(ValueError, match=r"non-finite BatchNorm γ in layers \['stage1.0.1'\]"):
+        gcp.prune_detector(model, X, ratio=0.3)
+    model = fresh()
+    before = state(model)
+    with pytest.raises(ValueError, match="example_inputs do not run the model: RuntimeError"):
+        gcp.prune_detector(model, torch.randn(1, 5, 64, 64), ratio=0.3)
+    assert same_state(before, state(model))

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from gcp import DynamicSparsity
+
+
+def two_bn_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6))
+    model[1].weight.data = torch.tensor([0.5, -0.2, 0.1, 0.9])
+    model[3].weight.data = torch.tensor([0.3, -0.05, 0.7, 0.01, 0.2, 0.6])
+    return model
+
+
+def grads_after_step(model, sparsity, epoch, total):
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    sparsity.step(epoch, total)
+    return model[1].weight.grad.clone(), model[3].weight.grad.clone()
+
+
+def test_before_switch_every_gamma_gets_s_sign_gamma():
+    model = two_bn_model()
+    sparsity = DynamicSparsity(model, s=1e-3, switch_at=0.5)
+    g1, g3 = grads_after_step(model, sparsity, epoch=4, total=10)
+    torch.testing.assert_close(g1, torch.tensor([1e-3, -1e-3, 1e-3, 1e-3]))
+    torch.testing.assert_close(g3, torch.tensor([1e-3, -1e-3, 1e-3, 1e-3, 1e-3, 1e-3]))
+
+
+def test_after_switch_the_largest_30_percent_decay_to_one_percent():
+    # 10 channels, protect 0.3 → the 3 largest |γ| model-wide (0.9, 0.7, 0.6) get s * 0.01
+    model = two_bn_model()
+    sparsity = DynamicSparsity(model, s=1e-3, switch_at=0.5, protect=0.3, decay=0.01)
+    g1, g3 = grads_after_step(model, sparsity, epoch=5, total=10)
+    torch.testing.assert_close(g1, torch.tensor([1e-3, -1e-3, 1e-3, 1e-5]))
+    torch.testing.assert_close(g3, torch.tensor([1e-3, -1e-3, 1e-5, 1e-3, 1e-3, 1e-5]))
+
+
+def test_step_adds_to_existing_gradient_and_reranks_each_epoch():
+    model = two_bn_model()
+    sparsity = DynamicSparsity(model, s=1e-3, switch_at=0.0, protect=0.1, decay=0.0)
+    model[1].weight.grad = torch.ones(4)
+    model[3].weight.grad = None
+    sparsity.step(0, 10)
+    torch.testing.assert_close(model[1].weight.grad, torch.tensor([1.001, 0.999, 1.001, 1.0]))
+    model[3].weight.data[0] = 5.0  # now the largest: protection moves to it next epoch
+    model[1].weight.grad = None
+    model[3].weight.grad = None
+    sparsity.step(1, 10)
+    assert model[1].weight.grad[3] == pytest.approx(1e-3) and model[3].weight.grad[0] == 0.0
+
+
+def test_constant_rate_is_switch_at_one():
+    model = two_bn_model()
+    sparsity = DynamicSparsity(model, s=2e-3, switch_at=1.0)
+    g1, _ = grads_after_step(model, sparsity, epoch=9, total=10)
+    torch.testing.assert_close(g1, torch.tensor([2e-3, -2e-3, 2e-3, 2e-3]))
+
+
+def test_stats_and_history(tmp_path):
+    model = two_bn_model()
+    model[3].weight.data[3] = 0.005
+    sparsity = DynamicSparsity(model)
+    stats = sparsity.stats()
+    assert stats["all"]["channels"] == 10
+    assert stats["all"]["sparse_fraction"] == pytest.approx(0.1)  # one of ten |γ| is below 1e-2
+    sparsity.on_epoch_end(0, {"loss": 1.5})
+    restored = DynamicSparsity(model)
+    restored.load_state_dict(sparsity.state_dict())
+    assert restored.history == sparsity.history
+    path = sparsity.save_history(tmp_path / "h.json")
+    data = json.loads(path.read_text())
+    assert data["history"][0]["metrics"] == {"loss": 1.5} and len(data["history"][0]["log10_hist"]) == 64
+
+
+def test_rejects_models_without_batchnorm_and_bad_rates():
+    with pytest.raises(ValueError, match="no affine BatchNorm"):
+        DynamicSparsity(nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="switch_at"):
+        DynamicSparsity(two_bn_model(), switch_at=1.5)
+    with pytest.raises(ValueError, match="not affine BatchNorm layers"):
+        DynamicSparsity(two_bn_model(), layers=["0"])
