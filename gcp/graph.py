@@ -89,7 +89,9 @@ def repair_splits(graph: Any) -> int:
         plans.append((node, [list(bounds[n]) for n in numbers]))
     if not plans:
         return 0
-    for node in graph.module2node.values():  # concat sizes were inferred from the wrong split sizes: redo them
+    for (
+        node
+    ) in graph.module2node.values():  # concat sizes were inferred from the wrong split sizes: redo them
         if node.type == ops.OPTYPE.CONCAT:
             node.module.concat_sizes = None
             node.module.offsets = None

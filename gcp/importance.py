@@ -73,7 +73,9 @@ class BNGammaImportance(tp.importance.Importance):
         return coupled_scores(values, roots, group_size(group), self.reduction)
 
 
-def coupled_scores(values: list[torch.Tensor], roots: list[torch.Tensor], n: int, reduction: str) -> torch.Tensor:
+def coupled_scores(
+    values: list[torch.Tensor], roots: list[torch.Tensor], n: int, reduction: str
+) -> torch.Tensor:
     """Combine per-layer normalised scores of coupled layers onto the ``n`` root channels.
 
     ``values[i][j]`` is layer i's score for its channel j, which is root channel ``roots[i][j]``; a score below
@@ -96,7 +98,9 @@ class L1FilterImportance(tp.importance.GroupMagnitudeImportance):
     """Filter L1 norm (Li et al. 2017), summed over the coupled layers' output filters."""
 
     def __init__(self) -> None:
-        super().__init__(p=1, group_reduction="mean", normalizer=None, target_types=[nn.modules.conv._ConvNd, nn.Linear])
+        super().__init__(
+            p=1, group_reduction="mean", normalizer=None, target_types=[nn.modules.conv._ConvNd, nn.Linear]
+        )
 
 
 class RandomImportance(tp.importance.Importance):

@@ -15,25 +15,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
-from grouping import Group, allocate, bisect, groups_from_patterns, load_group_patterns, partition, prunable_norms
+from grouping import (
+    Group,
+    allocate,
+    bisect,
+    groups_from_patterns,
+    load_group_patterns,
+    partition,
+    prunable_norms,
+)
 from grouping.allocate import warn_if_missed
-from grouping.trace import ForwardFn, first_image_tensor, prediction_layers, run_forward
+from grouping.trace import ForwardFn, Observation, first_image_tensor, observe, run_forward
 
 from .graph import build_graph, crosses_channel_split
 from .importance import (
     CONV_IN_FNS,
     CONV_OUT_FNS,
     NORM_OUT_FNS,
-    BNGammaImportance,
     L1FilterImportance,
     RandomImportance,
     ThiNetImportance,
     coupled_scores,
 )
-from .report import build_report, count_macs_params, out_channels
+from .report import build_report, out_channels
 
 METHODS = ("gcp", "slim", "thinet", "l1", "random")
 ALLOCATORS = ("explicit", "paper", "valley")
@@ -64,9 +70,18 @@ class Unit:
     ins: list[Member] = field(default_factory=list)
 
     @property
+    def subsets(self) -> list[torch.Tensor]:
+        """Root channels of each output layer of the unit (a concat input covers only part of the root)."""
+        if not hasattr(self, "_subsets"):
+            self._subsets = [torch.unique(m.root) for m in self.outs if m.root.numel() < self.size]
+        return self._subsets
+
+    @property
     def carriers(self) -> list[Member]:
         """Entries counted by the ``channels`` budget: one per BN γ (the paper's count), else conv filters."""
-        return self.norms or [m for m in self.outs if not isinstance(m.module, nn.modules.batchnorm._BatchNorm)]
+        return self.norms or [
+            m for m in self.outs if not isinstance(m.module, nn.modules.batchnorm._BatchNorm)
+        ]
 
 
 @dataclass
@@ -108,17 +123,6 @@ def _validate(
         raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
     if not isinstance(min_keep, int) or min_keep < 1:
         raise ValueError(f"min_keep must be an integer >= 1, got {min_keep!r}")
-
-
-def _check_runs(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None) -> None:
-    try:
-        with torch.no_grad():
-            run_forward(model, example_inputs, forward_fn)
-    except Exception as exc:  # the user's forward may raise anything; show it
-        raise ValueError(
-            f"example_inputs do not run the model: {type(exc).__name__}: {exc}. Pass inputs the model accepts, "
-            "or a forward_fn(model, example_inputs)"
-        ) from exc
 
 
 def _resolve_ignored(model: nn.Module, ignored: Iterable[nn.Module | str] | None) -> list[nn.Module]:
@@ -171,25 +175,26 @@ def _check_round_to(units: Sequence[Unit], round_to: int | None) -> None:
             )
 
 
-def _constrain(unit: Unit, prune: torch.Tensor, rank: torch.Tensor, floor: int, round_to: int | None) -> torch.Tensor:
+def _give_back(prune: torch.Tensor, rank: torch.Tensor, candidates: torch.Tensor, count: int) -> None:
+    """Un-prune the ``count`` best-ranked pruned channels among ``candidates`` (in place)."""
+    if count <= 0:
+        return
+    pruned = candidates[prune[candidates]]
+    best = pruned[torch.argsort(rank[pruned], descending=True)[:count]]
+    prune[best] = False
+
+
+def _constrain(
+    unit: Unit, prune: torch.Tensor, rank: torch.Tensor, floor: int, round_to: int | None
+) -> torch.Tensor:
     """Give channels back (best ``rank`` first) until every layer keeps ``floor`` and counts are rounded."""
-    keep_target = int((~prune).sum())
-    keep_target = max(keep_target, min(floor, unit.size))
+    keep_target = max(int((~prune).sum()), min(floor, unit.size))
     if round_to:
         keep_target = min(unit.size, int(math.ceil(keep_target / round_to)) * round_to)
     prune = prune.clone()
-    order = torch.argsort(rank, descending=True)
-    pruned_order = [int(i) for i in order if prune[i]]
-    while int((~prune).sum()) < keep_target and pruned_order:
-        prune[pruned_order.pop(0)] = False
-    for member in unit.outs:
-        subset = torch.unique(member.root)
-        kept = int((~prune[subset]).sum())
-        need = min(floor, subset.numel()) - kept
-        if need > 0:
-            back = subset[prune[subset]]
-            back = back[torch.argsort(rank[back], descending=True)][:need]
-            prune[back] = False
+    _give_back(prune, rank, torch.arange(unit.size), keep_target - int((~prune).sum()))
+    for subset in unit.subsets:
+        _give_back(prune, rank, subset, min(floor, subset.numel()) - int((~prune[subset]).sum()))
     return prune
 
 
@@ -200,7 +205,9 @@ class _Decider:
         self.units = units
         self.floor = floor
         self.round_to = round_to
-        self.gammas = [[m.module.weight.detach().abs().float().cpu()[m.local] for m in u.norms] for u in units]
+        self.gammas = [
+            [m.module.weight.detach().abs().float().cpu()[m.local] for m in u.norms] for u in units
+        ]
 
     def by_thresholds(self, thresholds: Mapping[str, float], coupling: str) -> list[torch.Tensor]:
         masks = []
@@ -232,8 +239,15 @@ class _Decider:
 class _Budget:
     """Measures what a set of prune masks removes: γ entries, parameters or MACs (fractions of the total)."""
 
-    def __init__(self, units: Sequence[Unit], kind: str, layer_macs: Mapping[nn.Module, float],
-                 layer_params: Mapping[nn.Module, float], total_macs: float, total_params: float) -> None:
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        kind: str,
+        layer_macs: Mapping[nn.Module, float],
+        layer_params: Mapping[nn.Module, float],
+        total_macs: float,
+        total_params: float,
+    ) -> None:
         self.units = units
         self.kind = kind
         self.total_carriers = sum(m.local.numel() for u in units for m in u.carriers)
@@ -263,7 +277,9 @@ class _Budget:
             cost = float(self.cost.get(module) or 0.0)
             keep_out = 1.0 - out_pruned.get(module, 0) / max(self.base_out.get(module, 1), 1)
             keep_in = 1.0 - in_pruned.get(module, 0) / max(self.base_in.get(module, 1), 1)
-            depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+            depthwise = (
+                isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+            )
             if isinstance(module, nn.modules.batchnorm._BatchNorm) or depthwise:
                 keep = keep_out
             else:
@@ -286,32 +302,27 @@ def _calibration_batches(calib_data: Any, example_inputs: Any) -> list[Any]:
     batches = list(calib_data)
     if not batches:
         raise ValueError("calib_data is empty: ThiNet and offset compensation need at least one batch")
-    return [b[0] if isinstance(b, (list, tuple)) and isinstance(b[0], torch.Tensor) and b[0].dim() == 4 else b
-            for b in batches]
+    return [
+        b[0] if isinstance(b, (list, tuple)) and isinstance(b[0], torch.Tensor) and b[0].dim() == 4 else b
+        for b in batches
+    ]
 
 
-def _compensate(model: nn.Module, graph: Any, units: Sequence[Unit], masks: Sequence[torch.Tensor],
-                batches: Sequence[Any], forward_fn: ForwardFn | None) -> int:
-    """Fold the mean activation of every removed channel into its consumers (bias or next BN running mean).
-
-    A removed channel still carried a value: for γ = 0 exactly the constant act(β), otherwise on average its
-    mean. Its consumer conv W added Σ_k W[o, c, k] · mean_c to output o; we add that to the consumer's bias,
-    or subtract it from the running mean of the BatchNorm right after a bias-free conv. Returns the number of
-    removed consumer channels that had nowhere to fold into (warned about).
-    """
-    consumers = {m.module for u, mask in zip(units, masks) if mask.any() for m in u.ins}
-    if not consumers:
-        return 0
+def _input_means(
+    model: nn.Module, modules: Iterable[nn.Module], batches: Sequence[Any], forward_fn: ForwardFn | None
+) -> dict[nn.Module, torch.Tensor]:
+    """Per-channel mean input of ``modules`` over the calibration batches (no grad, caller sets eval mode)."""
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
         x = inputs[0].detach().float()
-        dims = [0, 2, 3] if x.dim() == 4 else list(range(x.dim() - 1))
+        channel_dim = 1 if x.dim() == 4 else x.dim() - 1
+        dims = [d for d in range(x.dim()) if d != channel_dim]
         sums[module] = sums.get(module, 0) + x.sum(dim=dims).cpu()
-        counts[module] = counts.get(module, 0) + x.numel() // x.shape[1 if x.dim() == 4 else -1]
+        counts[module] = counts.get(module, 0) + x.numel() // max(x.shape[channel_dim], 1)
 
-    handles = [m.register_forward_hook(hook) for m in consumers]
+    handles = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.no_grad():
             for batch in batches:
@@ -319,18 +330,30 @@ def _compensate(model: nn.Module, graph: Any, units: Sequence[Unit], masks: Sequ
     finally:
         for h in handles:
             h.remove()
+    return {m: sums[m] / max(counts[m], 1) for m in sums}
 
+
+def _compensate(
+    graph: Any, units: Sequence[Unit], masks: Sequence[torch.Tensor], means: Mapping[nn.Module, torch.Tensor]
+) -> int:
+    """Fold the mean activation of every removed channel into its consumers (bias or next BN running mean).
+
+    A removed channel still carried a value: for γ = 0 exactly the constant act(β), otherwise on average its
+    mean. Its consumer conv W added Σ_k W[o, c, k] · mean_c to output o; we add that to the consumer's bias,
+    or subtract it from the running mean of the BatchNorm right after a bias-free conv. Returns the number of
+    removed consumer channels that had nowhere to fold into (warned about).
+    """
     uncompensated = 0
     with torch.no_grad():
         for unit, mask in zip(units, masks):
             for member in unit.ins:
                 module = member.module
                 removed = member.local[mask[member.root]]
-                if removed.numel() == 0 or module not in sums:
+                if removed.numel() == 0 or module not in means:
                     continue
                 if isinstance(module, nn.Conv2d) and module.groups != 1:
                     continue  # depthwise consumers lose the matching outputs too: nothing left to fold into
-                mean = (sums[module] / max(counts[module], 1))[removed]
+                mean = means[module][removed]
                 weight = module.weight.detach().float()
                 w = weight[:, removed].flatten(2).sum(-1) if weight.dim() == 4 else weight[:, removed]
                 delta = (w * mean.to(w.device)).sum(1)
@@ -361,10 +384,9 @@ def _following_norm(graph: Any, module: nn.Module) -> nn.Module | None:
     return nxt if isinstance(nxt, nn.modules.batchnorm._BatchNorm) else None
 
 
-def _gcp_groups(model: nn.Module, example_inputs: Any, groups: Any, forward_fn: ForwardFn | None,
-                output_transform: Callable[[Any], Any] | None) -> list[Group]:
+def _gcp_groups(model: nn.Module, example_inputs: Any, groups: Any, seen: Observation) -> list[Group]:
     if groups == "auto":
-        return partition(model, example_inputs, forward_fn=forward_fn, output_transform=output_transform)
+        return partition(model, example_inputs, observation=seen)
     if isinstance(groups, (str, Path)):
         return groups_from_patterns(model, load_group_patterns(str(groups)))
     if isinstance(groups, Mapping):
@@ -404,7 +426,9 @@ def prune_detector(
     """
     _validate(ratio, method, allocator, budget, coupling, round_to, min_keep)
     if method == "thinet" and calib_data is None:
-        raise ValueError("method='thinet' needs calib_data: a few image batches to measure reconstruction error")
+        raise ValueError(
+            "method='thinet' needs calib_data: a few image batches to measure reconstruction error"
+        )
     norms = prunable_norms(model)
     if method in ("gcp", "slim"):
         if not norms:
@@ -420,16 +444,26 @@ def prune_detector(
     was_training = model.training
     model.eval()  # analysis passes must not move BatchNorm running statistics
     try:
-        _check_runs(model, example_inputs, forward_fn)
-        predictions = prediction_layers(model, example_inputs, forward_fn, output_transform)
+        try:
+            seen = observe(model, example_inputs, forward_fn, output_transform, watch=norms.values())
+        except Exception as exc:  # the user's forward may raise anything; show it
+            raise ValueError(
+                f"example_inputs do not run the model: {type(exc).__name__}: {exc}. Pass inputs the model "
+                "accepts, or a forward_fn(model, example_inputs)"
+            ) from exc
         modules = dict(model.named_modules())
-        ignored = ignored + [modules[p] for p in predictions if modules[p] not in ignored]
-        part = _gcp_groups(model, example_inputs, groups, forward_fn, output_transform) if method == "gcp" else None
+        ignored = ignored + [modules[p] for p in seen.predictions if modules[p] not in ignored]
+        part = _gcp_groups(model, example_inputs, groups, seen) if method == "gcp" else None
         graph = build_graph(model, example_inputs, forward_fn, output_transform)
         units = _units(model, graph, ignored)
         _check_round_to(units, round_to)
-        macs, params, layer_macs, layer_params = count_macs_params(model, example_inputs, forward_fn, layer_wise=True)
-        measure = _Budget(units, budget, layer_macs, layer_params, macs, params)
+        batch = first_image_tensor(example_inputs).shape[0]
+        macs = sum(seen.macs.values()) / batch
+        params = float(sum(p.numel() for p in model.parameters()))
+        layer_params = {
+            m: float(sum(p.numel() for p in m.parameters(recurse=False))) for m in model.modules()
+        }
+        measure = _Budget(units, budget, seen.macs, layer_params, sum(seen.macs.values()), params)
         decider = _Decider(units, max(min_keep, round_to or 1), round_to)
         batches = _calibration_batches(calib_data, example_inputs)
 
@@ -439,8 +473,10 @@ def prune_detector(
             if method == "slim":
                 part = [Group("global", [n for n in norms if n in in_units], 0, "global")]
             else:
-                part = [Group(g.name, [n for n in g.layers if n in in_units], g.stride, g.kind, g.patterns)
-                        for g in part]
+                part = [
+                    Group(g.name, [n for n in g.layers if n in in_units], g.stride, g.kind, g.patterns)
+                    for g in part
+                ]
                 part = [g for g in part if g.layers] if allocator != "explicit" else part
             layer_group = {n: g.name for g in part for n in g.layers}
             importances = {n: norms[n].weight.detach().abs().float().cpu() for n in layer_group}
@@ -474,22 +510,39 @@ def prune_detector(
             warn_if_missed(measure(masks), float(ratio))
 
         before = _layer_channels(model)
-        _compensate(model, graph, units, masks, batches, forward_fn)
+        consumers = {m.module for u, mask in zip(units, masks) if mask.any() for m in u.ins}
+        means = (
+            seen.input_means if calib_data is None else _input_means(model, consumers, batches, forward_fn)
+        )
+        _compensate(graph, units, masks, means)
         for unit, mask in zip(units, masks):
             idxs = torch.nonzero(mask).flatten().tolist()
             if idxs:
                 root = unit.group[0].dep
                 graph.get_pruning_group(root.target.module, root.handler, idxs).prune()
-        history = [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()]
+        history = [
+            [name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()
+        ]
         report = build_report(
-            model, example_inputs, forward_fn,
-            method=method, requested=ratio, budget=budget, achieved=measure(masks),
-            before=(macs, params, before), groups=part, thresholds=thresholds,
+            model,
+            example_inputs,
+            forward_fn,
+            method=method,
+            requested=ratio,
+            budget=budget,
+            achieved=measure(masks),
+            before=(macs, params, before),
+            groups=part,
+            thresholds=thresholds,
         )
     finally:
         model.train(was_training)
-    return PruneResult(model=model, report=report, history=history,
-                       input_shape=list(first_image_tensor(example_inputs).shape))
+    return PruneResult(
+        model=model,
+        report=report,
+        history=history,
+        input_shape=list(first_image_tensor(example_inputs).shape),
+    )
 
 
 def _layer_channels(model: nn.Module) -> dict[str, int]:

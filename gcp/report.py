@@ -7,47 +7,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from grouping import Group
-from grouping.trace import ForwardFn, run_forward
+from grouping.trace import ForwardFn, first_image_tensor, layer_macs, run_forward
 
 from .io import atomic_write_json
 
 BYTES_PER_MB = 2**20
 
 
-class _ForwardWrapper(nn.Module):
-    """Lets torch-pruning's op counter call models that need a custom ``forward_fn``."""
-
-    def __init__(self, model: nn.Module, forward_fn: ForwardFn | None) -> None:
-        super().__init__()
-        self.model = model
-        self.forward_fn = forward_fn
-
-    def forward(self, inputs: Any) -> Any:
-        return run_forward(self.model, inputs, self.forward_fn)
-
-
 def count_macs_params(
-    model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None, layer_wise: bool = False
-) -> tuple:
-    """MACs and parameter count with torch-pruning's counter (the count the paper's Table 2 is compared with).
+    model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None
+) -> tuple[float, float]:
+    """MACs per image (conv and linear multiply-accumulates) and the parameter count of ``model``.
 
-    With ``layer_wise`` also returns dicts module → MACs and module → params of the *given* model's modules.
-    The counter works on a deep copy, so the model is untouched.
+    Counted with forward hooks on one no-grad pass in eval mode (mode restored), the same rule
+    :func:`grouping.trace.layer_macs` applies when pruning measures a ``macs`` budget, so before/after numbers
+    and budgets agree. (torch-pruning's counter also adds BatchNorm and activation element ops: about 0.2 % more
+    on YOLOv4.)
     """
-    wrapper = _ForwardWrapper(model, forward_fn)
+    total = 0.0
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        nonlocal total
+        total += layer_macs(module, inputs, output)
+
+    dense = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in dense]
     was_training = model.training
+    model.eval()
     try:
-        result = tp.utils.count_ops_and_params(wrapper, (example_inputs,), layer_wise=layer_wise)
+        with torch.no_grad():
+            run_forward(model, example_inputs, forward_fn)
     finally:
         model.train(was_training)
-    if not layer_wise:
-        return float(result[0]), float(result[1])
-    macs, params, layer_macs, layer_params = result
-    return float(macs), float(params), layer_macs, layer_params
+        for h in handles:
+            h.remove()
+    batch = first_image_tensor(example_inputs).shape[0]
+    return total / batch, float(sum(p.numel() for p in model.parameters()))
 
 
 def size_mb(params: float) -> float:
@@ -79,8 +77,16 @@ def build_report(
         "budget": budget,
         "requested": dict(requested) if isinstance(requested, Mapping) else float(requested),
         "achieved": float(achieved),
-        "params": {"before": params_before, "after": params_after, "pruned": 1 - params_after / params_before},
-        "macs": {"before": macs_before, "after": macs_after, "pruned": 1 - macs_after / max(macs_before, 1.0)},
+        "params": {
+            "before": params_before,
+            "after": params_after,
+            "pruned": 1 - params_after / params_before,
+        },
+        "macs": {
+            "before": macs_before,
+            "after": macs_after,
+            "pruned": 1 - macs_after / max(macs_before, 1.0),
+        },
         "size_mb": {"before": size_mb(params_before), "after": size_mb(params_after)},
         "groups": [],
         "layers": [

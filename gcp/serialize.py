@@ -65,10 +65,15 @@ def read_pruned(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, wrong file type, pickled code refused by weights_only
-        raise ValueError(f"{path} is not a readable gcp pruned checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{path} is not a readable gcp pruned checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a gcp pruned checkpoint (format {payload.get('format')!r} != {FORMAT!r})"
-                         if isinstance(payload, dict) else f"{path} is not a gcp pruned checkpoint")
+        raise ValueError(
+            f"{path} is not a gcp pruned checkpoint (format {payload.get('format')!r} != {FORMAT!r})"
+            if isinstance(payload, dict)
+            else f"{path} is not a gcp pruned checkpoint"
+        )
     meta, state = payload.get("meta"), payload.get("state_dict")
     if not isinstance(meta, str) or not isinstance(state, dict):
         raise ValueError(f"{path}: checkpoint is missing its description or weights")
@@ -94,7 +99,9 @@ def load_pruned(
     if base is None:
         builder = meta.get("builder")
         if not builder:
-            raise ValueError(f"{path}: the model was not built by gcp.models; pass base= (a fresh unpruned model)")
+            raise ValueError(
+                f"{path}: the model was not built by gcp.models; pass base= (a fresh unpruned model)"
+            )
         from .models import build
 
         base = build(builder["name"], **builder["kwargs"])
@@ -104,7 +111,9 @@ def load_pruned(
     modules = dict(base.named_modules())
     for name, _is_out, _idxs in meta["history"]:
         if name not in modules:
-            raise ValueError(f"{path}: layer {name!r} of the saved pruning does not exist in the given base model")
+            raise ValueError(
+                f"{path}: layer {name!r} of the saved pruning does not exist in the given base model"
+            )
     graph = build_graph(base, example_inputs, forward_fn)
     try:
         graph.load_pruning_history(meta["history"])

@@ -145,7 +145,9 @@ def entry_count_budget(values: Mapping[str, torch.Tensor]) -> Budget:
 
 
 def _ratios(values: Mapping[str, torch.Tensor], thresholds: Mapping[str, float]) -> dict[str, float]:
-    return {name: float((v < thresholds[name]).float().mean()) if v.numel() else 0.0 for name, v in values.items()}
+    return {
+        name: float((v < thresholds[name]).float().mean()) if v.numel() else 0.0 for name, v in values.items()
+    }
 
 
 def allocate(
@@ -167,7 +169,9 @@ def allocate(
 
     if strategy == "explicit":
         if not isinstance(ratio, Mapping):
-            raise ValueError("allocator 'explicit' needs a mapping group name -> ratio, e.g. {'head': 0.45, ...}")
+            raise ValueError(
+                "allocator 'explicit' needs a mapping group name -> ratio, e.g. {'head': 0.45, ...}"
+            )
         unknown = sorted(set(ratio) - set(names))
         if unknown:
             raise ValueError(f"explicit ratios name unknown groups {unknown}; valid groups: {names}")
@@ -181,7 +185,9 @@ def allocate(
         return Allocation(thresholds, _ratios(values, thresholds), measure(thresholds), None, strategy)
 
     if isinstance(ratio, Mapping):
-        raise ValueError(f"allocator {strategy!r} takes one total ratio (a float); per-group ratios need 'explicit'")
+        raise ValueError(
+            f"allocator {strategy!r} takes one total ratio (a float); per-group ratios need 'explicit'"
+        )
     ratio = float(ratio)
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
@@ -195,7 +201,9 @@ def allocate(
         thresholds = thresholds_at(level)
     elif strategy == "valley":
         valleys = {n: valley(values[n]) for n in names}
-        top = max((float(values[n].max()) / max(valleys[n], 1e-12) for n in names if values[n].numel()), default=1.0)
+        top = max(
+            (float(values[n].max()) / max(valleys[n], 1e-12) for n in names if values[n].numel()), default=1.0
+        )
 
         def thresholds_at(scale: float) -> dict[str, float]:
             return {n: scale * valleys[n] for n in names}

@@ -23,10 +23,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from .trace import ForwardFn, flatten_tensors, prediction_layers, run_forward, trace_layers
+from .trace import ForwardFn, Observation, observe
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
@@ -52,48 +51,10 @@ class Group:
 def prunable_norms(model: nn.Module) -> dict[str, nn.Module]:
     """Affine BatchNorm layers by name, in definition order: the layers whose γ the paper prunes by."""
     return {
-        name: m for name, m in model.named_modules() if isinstance(m, NORM_TYPES) and m.affine and m.weight is not None
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, NORM_TYPES) and m.affine and m.weight is not None
     }
-
-
-def _outputs_reached(
-    model: nn.Module,
-    example_inputs: Any,
-    norms: Mapping[str, nn.Module],
-    forward_fn: ForwardFn | None,
-    output_transform: Callable[[Any], Any] | None,
-) -> dict[str, set[int]]:
-    """For each norm layer, the indices of the model outputs its activations flow into (autograd reachability)."""
-    owner: dict[Any, str] = {}
-    by_module = {m: n for n, m in norms.items()}
-
-    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-        for t in flatten_tensors(output):
-            if t.grad_fn is not None:
-                owner.setdefault(t.grad_fn, by_module[module])
-
-    handles = [m.register_forward_hook(hook) for m in norms.values()]
-    try:
-        with torch.enable_grad():
-            outputs = run_forward(model, example_inputs, forward_fn)
-    finally:
-        for h in handles:
-            h.remove()
-    if output_transform is not None:
-        outputs = output_transform(outputs)
-    reached: dict[str, set[int]] = {name: set() for name in norms}
-    for index, tensor in enumerate(flatten_tensors(outputs)):
-        stack = [tensor.grad_fn]
-        seen: set[Any] = set()
-        while stack:
-            fn = stack.pop()
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            if fn in owner:
-                reached[owner[fn]].add(index)
-            stack.extend(nxt for nxt, _ in fn.next_functions)
-    return reached
 
 
 def _stride_buckets(strides: Iterable[int], n_buckets: int) -> dict[int, int]:
@@ -104,7 +65,9 @@ def _stride_buckets(strides: Iterable[int], n_buckets: int) -> dict[int, int]:
     return {s: (alone.index(s) + 1 if s in alone else 0) for s in distinct}
 
 
-def _stride_groups(names: list[str], strides: dict[str, int], n_groups: int, prefix: str, kind: str) -> list[Group]:
+def _stride_groups(
+    names: list[str], strides: dict[str, int], n_groups: int, prefix: str, kind: str
+) -> list[Group]:
     buckets = _stride_buckets((strides[n] for n in names), n_groups)
     groups: dict[int, list[str]] = {}
     for name in names:
@@ -124,26 +87,29 @@ def partition(
     *,
     forward_fn: ForwardFn | None = None,
     output_transform: Callable[[Any], Any] | None = None,
+    observation: Observation | None = None,
 ) -> list[Group]:
     """Group the prunable BatchNorm layers by feature scale and module structure (paper §4.2.1).
 
     Returns groups in network order (backbone by increasing stride, then neck, then head); empty groups are
-    dropped. The model's train/eval mode and parameters are left untouched (the forward passes run in eval mode
-    so BatchNorm running statistics do not move).
+    dropped. The model's train/eval mode and parameters are left untouched (the forward pass runs in eval mode
+    so BatchNorm running statistics do not move). ``observation`` reuses a pass made by the caller with
+    ``watch=`` the prunable norms.
     """
     if n_groups < 1:
         raise ValueError(f"n_groups must be >= 1, got {n_groups}")
     norms = prunable_norms(model)
     if not norms:
         raise ValueError("the model has no affine BatchNorm layer, so there is no γ to group by")
-    was_training = model.training
-    model.eval()
-    try:
-        traces = trace_layers(model, example_inputs, forward_fn)
-        reached = _outputs_reached(model, example_inputs, norms, forward_fn, output_transform)
-        predictions = set(prediction_layers(model, example_inputs, forward_fn, output_transform))
-    finally:
-        model.train(was_training)
+    if observation is None:
+        was_training = model.training
+        model.eval()
+        try:
+            observation = observe(model, example_inputs, forward_fn, output_transform, watch=norms.values())
+        finally:
+            model.train(was_training)
+    traces, predictions = observation.traces, set(observation.predictions)
+    reached = {name: observation.reached.get(name, set()) for name in norms}
 
     order = {t.name: t.order for t in traces}
     strides = {t.name: t.stride for t in traces}
@@ -226,7 +192,9 @@ def groups_from_patterns(model: nn.Module, patterns: Mapping[str, str | list[str
                 )
             for n in matched:
                 if n in owner and owner[n] != group_name:
-                    raise ValueError(f"layer {n!r} is matched by both group {owner[n]!r} and group {group_name!r}")
+                    raise ValueError(
+                        f"layer {n!r} is matched by both group {owner[n]!r} and group {group_name!r}"
+                    )
                 if n not in owner:
                     owner[n] = group_name
                     layers.append(n)

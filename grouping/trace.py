@@ -6,7 +6,7 @@ than off module names, so the same code serves our YOLOs and detectors we did no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,28 +125,83 @@ def trace_layers(
     return sorted(records.values(), key=lambda r: r.order)
 
 
-def prediction_layers(
+@dataclass
+class Observation:
+    """Everything pruning needs from one grad-enabled forward pass, so the model runs once, not five times.
+
+    ``traces``: leaf modules in execution order with output strides. ``reached``: for each watched layer name,
+    the indices of the model outputs its activations flow into. ``predictions``: conv/linear layers whose
+    outputs reach a model output through parameter-free ops only. ``macs``: multiply-accumulates of every
+    conv/linear call. ``input_means``: per-channel mean input of every conv/linear layer.
+    """
+
+    traces: list[LayerTrace]
+    reached: dict[str, set[int]]
+    predictions: list[str]
+    macs: dict[nn.Module, float]
+    input_means: dict[nn.Module, torch.Tensor]
+
+
+def layer_macs(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> float:
+    """Multiply-accumulates of one conv or linear call (bias adds not counted), per batch of the call."""
+    out = flatten_tensors(output)
+    if not out:
+        return 0.0
+    if isinstance(module, nn.modules.conv._ConvNd):
+        per_output = module.in_channels // module.groups
+        for k in module.kernel_size:
+            per_output *= k
+        return float(out[0].numel()) * per_output
+    if isinstance(module, nn.Linear):
+        return float(out[0].numel()) * module.in_features
+    return 0.0
+
+
+def observe(
     model: nn.Module,
     example_inputs: Any,
     forward_fn: ForwardFn | None = None,
     output_transform: Callable[[Any], Any] | None = None,
-    layer_types: Sequence[type[nn.Module]] = (nn.Conv2d, nn.Linear),
-) -> list[str]:
-    """Names of the conv/linear layers whose outputs reach a model output through parameter-free ops only.
+    watch: Iterable[nn.Module] = (),
+) -> Observation:
+    """Run one forward pass with autograd on and record an :class:`Observation` (``watch``: layers to reach-test).
 
-    These are the prediction layers: their output channels *are* the detector's output format (anchors × (5 +
-    classes)), so they must keep all of them. Found by walking the autograd graph back from every output tensor
-    until the first conv/linear on each path, which works whatever reshapes, concats or sigmoids sit between.
+    The caller chooses train/eval mode; use eval so BatchNorm statistics do not move.
     """
+    input_hw = tuple(first_image_tensor(example_inputs).shape[-2:])
     names = {module: name for name, module in model.named_modules()}
+    watched = set(watch)
+    records: dict[nn.Module, LayerTrace] = {}
     grad_fn_owner: dict[Any, str] = {}
+    dense_owner: dict[Any, str] = {}
+    macs: dict[nn.Module, float] = {}
+    sums: dict[nn.Module, torch.Tensor] = {}
+    counts: dict[nn.Module, int] = {}
+    dense_types = (nn.modules.conv._ConvNd, nn.Linear)
 
-    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
-        for tensor in flatten_tensors(output):
-            if tensor.grad_fn is not None:
-                grad_fn_owner.setdefault(tensor.grad_fn, names[module])
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if module not in records:
+            stride, shape = _output_stride(output, input_hw)
+            records[module] = LayerTrace(
+                names.get(module, ""), type(module).__name__, len(records), stride, shape, module
+            )
+        if module in watched:
+            for t in flatten_tensors(output):
+                if t.grad_fn is not None:
+                    grad_fn_owner.setdefault(t.grad_fn, names[module])
+        if isinstance(module, dense_types):
+            for t in flatten_tensors(output):
+                if t.grad_fn is not None:
+                    dense_owner.setdefault(t.grad_fn, names[module])
+            macs[module] = macs.get(module, 0.0) + layer_macs(module, inputs, output)
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                x = inputs[0].detach().float()
+                channel_dim = 1 if x.dim() == 4 else x.dim() - 1
+                dims = [d for d in range(x.dim()) if d != channel_dim]
+                sums[module] = sums.get(module, 0) + x.sum(dim=dims)
+                counts[module] = counts.get(module, 0) + x.numel() // max(x.shape[channel_dim], 1)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, tuple(layer_types))]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_leaf(m) or m in watched]
     try:
         with torch.enable_grad():
             outputs = run_forward(model, example_inputs, forward_fn)
@@ -156,18 +211,50 @@ def prediction_layers(
     if output_transform is not None:
         outputs = output_transform(outputs)
 
-    found: list[str] = []
-    stack = [t.grad_fn for t in flatten_tensors(outputs) if t.grad_fn is not None]
-    seen: set[Any] = set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        owner = grad_fn_owner.get(fn)
-        if owner is not None:
-            if owner not in found:
-                found.append(owner)
-            continue
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return found
+    reached: dict[str, set[int]] = {names[m]: set() for m in watched}
+    predictions: list[str] = []
+    for index, tensor in enumerate(flatten_tensors(outputs)):
+        stack, seen = [tensor.grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if fn in grad_fn_owner:
+                reached[grad_fn_owner[fn]].add(index)
+            stack.extend(nxt for nxt, _ in fn.next_functions)
+        # prediction layers: the first dense layer on each path back from this output
+        stack, seen = [tensor.grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if fn in dense_owner:
+                if dense_owner[fn] not in predictions:
+                    predictions.append(dense_owner[fn])
+                continue
+            stack.extend(nxt for nxt, _ in fn.next_functions)
+    means = {m: (sums[m] / max(counts[m], 1)).cpu() for m in sums}
+    traces = sorted(records.values(), key=lambda r: r.order)
+    return Observation(traces, reached, predictions, macs, means)
+
+
+def prediction_layers(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    output_transform: Callable[[Any], Any] | None = None,
+) -> list[str]:
+    """Names of the conv/linear layers whose outputs reach a model output through parameter-free ops only.
+
+    These are the prediction layers: their output channels *are* the detector's output format (anchors × (5 +
+    classes)), so they must keep all of them. Found by walking the autograd graph back from every output tensor
+    until the first conv/linear on each path, which works whatever reshapes, concats or sigmoids sit between.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return observe(model, example_inputs, forward_fn, output_transform).predictions
+    finally:
+        model.train(was_training)
