@@ -1,0 +1,73 @@
+"""torchrun entry point of test_train's distributed test (gloo, CPU).
+
+``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_ddp_worker.py OUT``
+
+Trains the reference run into ``OUT/straight`` and the same run into ``OUT/resumed``, interrupted in the
+middle of epoch 1, under a process group initialised here, before :func:`gcp.train.fit` (which must use it and
+leave it open); then, with that group destroyed, resumes ``OUT/resumed``, where :func:`fit` initialises (and
+closes) its own process group from torchrun's environment. One launch keeps the test fast: starting a Python
+process with torch costs seconds.
+
+Each run saves every rank's final weights and history to ``OUT/<run>_rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from _train_toys import GammaSubgradient, Interrupted, ToyDetection, make_model, toy_loss
+
+from gcp.train import fit
+
+EPOCHS = 4
+INTERRUPT_AT_CALL = 6  # the 2nd of epoch 1's four steps per rank
+
+
+def train(out_dir: Path, *, resume: bool = False, interrupt_at_call: int | None = None) -> tuple[dict, dict]:
+    model = make_model()
+    history = fit(
+        model,
+        ToyDetection(16),
+        ToyDetection(4),
+        epochs=EPOCHS,
+        lr=0.05,
+        batch_size=2,
+        warmup_epochs=1.0,
+        hooks=[GammaSubgradient(model, interrupt_at_call)],
+        loss_fn=toy_loss,
+        ema=True,
+        out_dir=out_dir,
+        resume=resume,
+        eval_fn=lambda m: {"map50": -float(m.head.bias.abs().sum())},
+        progress=False,
+    )
+    return model.state_dict(), history
+
+
+def main(out: Path) -> None:
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo")
+    state, history = train(out / "straight")
+    torch.save({"state": state, "history": history}, out / f"straight_rank{rank}.pt")
+    try:
+        train(out / "resumed", interrupt_at_call=INTERRUPT_AT_CALL)
+    except Interrupted:
+        pass
+    else:
+        raise AssertionError("the interrupted run was not interrupted")
+    if not dist.is_initialized():
+        raise AssertionError("fit destroyed a process group it did not create")
+    dist.destroy_process_group()
+
+    state, history = train(out / "resumed", resume=True)
+    if dist.is_initialized():
+        raise AssertionError("fit left the process group it created open")
+    torch.save({"state": state, "history": history}, out / f"resumed_rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,403 @@
+"""Tests of gcp.train: schedule, parameter groups, hook order, checkpoints, resume and DDP (gloo, CPU)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from _train_toys import GammaSubgradient, Interrupted, TinyDetector, ToyDetection, make_model, toy_loss
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from gcp.train import (
+    CHECKPOINT_FORMAT,
+    EMA_DECAY,
+    EMA_RAMP_UPDATES,
+    ModelEMA,
+    _swap_in_sync_batchnorm,
+    fit,
+    load_checkpoint,
+    parameter_groups,
+    warmup_cosine_lr,
+    warmup_momentum,
+)
+
+TESTS_DIR = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: these models are tiny, and on a shared CPU more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quick_fit(model: nn.Module, **overrides) -> dict:
+    """fit on the toy data with 4 steps per epoch, no progress bar, toy loss unless overridden."""
+    options = dict(epochs=2, batch_size=2, lr=0.05, loss_fn=toy_loss, progress=False)
+    options.update(overrides)
+    return fit(model, ToyDetection(8), **options)
+
+
+@pytest.fixture
+def optimizer_steps():
+    """Every optimiser step taken during the test, as (lr, momentum or beta1) of the first param group."""
+    recorded = []
+
+    def record(optimizer, args, kwargs):
+        group = optimizer.param_groups[0]
+        recorded.append((group["lr"], group["betas"][0] if "betas" in group else group["momentum"]))
+
+    handle = register_optimizer_step_pre_hook(record)
+    yield recorded
+    handle.remove()
+
+
+def test_warmup_cosine_lr_matches_hand_computation():
+    # 4 warm-up steps of 0.1/4 each, then half a cosine over steps 4..12 from 0.1 down to 0.1 * 0.01.
+    schedule = dict(base_lr=0.1, warmup_steps=4, total_steps=13)
+    expected = {0: 0.025, 1: 0.05, 2: 0.075, 3: 0.1, 4: 0.1, 8: 0.001 + 0.099 * 0.5, 12: 0.001}
+    for step, lr in expected.items():
+        assert warmup_cosine_lr(step, **schedule) == pytest.approx(lr, abs=1e-12), step
+    assert warmup_cosine_lr(6, **schedule) == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi / 4)))
+    with pytest.raises(ValueError, match="step"):
+        warmup_cosine_lr(13, **schedule)
+
+
+def test_warmup_momentum_rises_linearly_then_holds():
+    values = [warmup_momentum(step, momentum=0.9, warmup_steps=4) for step in range(6)]
+    assert values == pytest.approx([0.825, 0.85, 0.875, 0.9, 0.9, 0.9])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fit_applies_the_schedule_at_every_step(optimizer, optimizer_steps):
+    # 8 images, batch 1: 8 steps per epoch, 16 in all; 0.375 epochs of warm-up = 3 steps; cosine over 3..15.
+    fit(
+        make_model(),
+        ToyDetection(8),
+        epochs=2,
+        batch_size=1,
+        lr=0.1,
+        momentum=0.9,
+        warmup_epochs=0.375,
+        optimizer=optimizer,
+        loss_fn=toy_loss,
+        progress=False,
+    )
+    lrs = [lr for lr, _ in optimizer_steps]
+    momenta = [momentum for _, momentum in optimizer_steps]
+    assert len(lrs) == 16
+    assert lrs[0] == pytest.approx(0.1 / 3)
+    assert lrs[1] == pytest.approx(0.2 / 3)
+    assert lrs[2] == pytest.approx(0.1)
+    assert lrs[3] == pytest.approx(0.1)
+    assert lrs[9] == pytest.approx(0.0505)  # half way through the cosine
+    assert lrs[15] == pytest.approx(0.001)
+    assert momenta[:4] == pytest.approx([0.8 + 0.1 / 3, 0.8 + 0.2 / 3, 0.9, 0.9])
+    assert set(momenta[3:]) == {0.9}
+
+
+def test_parameter_groups_leave_batchnorm_and_biases_undecayed():
+    model = TinyDetector()
+    decayed, undecayed = parameter_groups(model, weight_decay=5e-4)
+    assert decayed["weight_decay"] == 5e-4 and undecayed["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(model.stem[0].weight), id(model.head.weight)}
+    batchnorm = model.stem[1]
+    assert {id(p) for p in undecayed["params"]} == {
+        id(batchnorm.weight),
+        id(batchnorm.bias),
+        id(model.head.bias),
+    }
+
+
+class RecordingHook:
+    """Logs every hook call and checks what the trainer promises at each one."""
+
+    def __init__(self, model: nn.Module, events: list) -> None:
+        self.model = model
+        self.events = events
+        self.weights_at_forward: list[torch.Tensor] = []
+
+    def loss_terms(self, images, targets, outputs):
+        assert isinstance(outputs, list) and len(outputs) == 3 and len(targets) == len(images)
+        self.events.append("loss_terms")
+        self.weights_at_forward = [p.detach().clone() for p in self.model.parameters()]
+        return {"head_l2": 1e-3 * self.model.head.weight.pow(2).sum()}
+
+    def after_backward(self, epoch, total_epochs):
+        grads_ready = all(p.grad is not None and p.grad.abs().sum() > 0 for p in self.model.parameters())
+        not_stepped = all(
+            torch.equal(p, before) for p, before in zip(self.model.parameters(), self.weights_at_forward)
+        )
+        self.events.append(("after_backward", epoch, total_epochs, grads_ready, not_stepped))
+
+    def on_epoch_end(self, epoch, metrics):
+        self.events.append(("on_epoch_end", epoch, sorted(metrics)))
+
+
+def test_hooks_are_called_in_order_with_gradients_before_the_step(optimizer_steps):
+    model = make_model()
+    events: list = []
+    optimizer_steps_seen = len(optimizer_steps)
+    hook = RecordingHook(model, events)
+    handle = register_optimizer_step_pre_hook(lambda *_: events.append("step"))
+    try:
+        history = quick_fit(model, hooks=[hook])
+    finally:
+        handle.remove()
+    assert len(optimizer_steps) - optimizer_steps_seen == 8
+    step_events = ["loss_terms", ("after_backward", 0, 2, True, True), "step"]
+    metric_names = sorted(["epoch", "lr", "train/obj", "train/cls", "train/head_l2", "train/total"])
+    assert events == (
+        step_events * 4
+        + [("on_epoch_end", 0, metric_names)]
+        + [e if e != step_events[1] else ("after_backward", 1, 2, True, True) for e in step_events] * 4
+        + [("on_epoch_end", 1, metric_names)]
+    )
+    # The hook's term is part of the optimised total.
+    for epoch in range(2):
+        parts = sum(history[f"train/{name}"][epoch] for name in ("obj", "cls", "head_l2"))
+        assert history["train/total"][epoch] == pytest.approx(parts, rel=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_training_reduces_the_loss(optimizer):
+    history = quick_fit(make_model(), epochs=6, optimizer=optimizer, lr=0.05)
+    assert history["train/total"][-1] < 0.7 * history["train/total"][0]
+
+
+def test_default_loss_is_yolo_loss():
+    history = quick_fit(make_model(), epochs=1, loss_fn=None)
+    assert {"train/box", "train/obj", "train/cls", "train/total"} <= history.keys()
+    assert all(math.isfinite(history[f"train/{term}"][0]) for term in ("box", "obj", "cls", "total"))
+
+
+def scripted_eval(map50_values):
+    """An eval_fn returning the given mAP@0.5 values in turn (and a non-scalar entry fit must not keep)."""
+    values = iter(map50_values)
+    return lambda model: {"map50": next(values), "map": 0.0, "per_class": [0.1, 0.2]}
+
+
+def test_checkpoints_history_and_best(tmp_path):
+    history = quick_fit(
+        make_model(),
+        epochs=3,
+        eval_every=2,
+        eval_fn=scripted_eval([0.3, 0.2]),
+        out_dir=tmp_path,
+        ema=True,
+    )
+    # eval_every=2: evaluated after epoch 1 and after the last epoch; None keeps the lists aligned.
+    assert history["epoch"] == [0, 1, 2]
+    assert history["metrics/map50"] == [None, 0.3, 0.2]
+    assert "metrics/per_class" not in history
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "history.json", "last.pt"]
+
+    last = load_checkpoint(tmp_path / "last.pt")  # weights_only=True inside
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert last["format"] == CHECKPOINT_FORMAT
+    assert (last["epoch"], last["step"], last["world_size"]) == (2, 12, 1)
+    assert (best["epoch"], best["best_map50"]) == (1, 0.3)
+    assert last["history"] == history
+    assert last["ema"]["updates"] == 12
+    assert set(last["rng"][0]) == {"torch", "numpy", "python"}
+    assert len(last["optimizer"]["param_groups"]) == 2
+
+
+def test_ema_update_follows_the_ramped_decay():
+    model = TinyDetector()
+    ema = ModelEMA(model)
+    before = model.head.bias.detach().clone()
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+        model.stem[1].num_batches_tracked.fill_(7)
+    ema.update(model)
+    decay = EMA_DECAY * (1 - math.exp(-1 / EMA_RAMP_UPDATES))
+    torch.testing.assert_close(ema.module.head.bias, decay * before + (1 - decay) * (before + 1.0))
+    assert int(ema.module.stem[1].num_batches_tracked) == 7
+
+
+def test_ema_copy_does_not_fire_the_training_models_hooks():
+    model = TinyDetector()
+    calls = []
+    model.stem.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    ema = ModelEMA(model)
+    ema.module(torch.zeros(1, 3, 32, 32))
+    assert calls == []
+    model(torch.zeros(1, 3, 32, 32))
+    assert len(calls) == 1
+
+
+def test_ema_weights_are_left_in_the_model(tmp_path):
+    model = make_model()
+    quick_fit(model, ema=True, out_dir=tmp_path)
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, checkpoint["ema"]["module"][name]), name
+    assert not torch.equal(checkpoint["model"]["head.weight"], checkpoint["ema"]["module"]["head.weight"])
+
+
+def resumable_run(
+    out_dir: Path, *, num_workers: int, resume: bool = False, interrupt_at_call: int | None = None
+):
+    model = make_model()
+    hook = GammaSubgradient(model, interrupt_at_call)
+    history = fit(
+        model,
+        ToyDetection(8),
+        ToyDetection(4),
+        epochs=4,
+        batch_size=2,
+        lr=0.05,
+        hooks=[hook],
+        loss_fn=toy_loss,
+        ema=True,
+        out_dir=out_dir,
+        resume=resume,
+        num_workers=num_workers,
+        eval_fn=lambda m: {"map50": -float(m.head.bias.abs().sum())},
+        progress=False,
+    )
+    return model, hook, history
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_interrupted_and_resumed_run_equals_straight_run_bit_for_bit(tmp_path, num_workers):
+    # With a loader worker, augmentation draws from the worker's seeds instead of the restored global streams.
+    straight = resumable_run(tmp_path / "straight", num_workers=num_workers)
+    straight_model, straight_hook, straight_history = straight
+    with pytest.raises(Interrupted):
+        resumable_run(tmp_path / "resumed", num_workers=num_workers, interrupt_at_call=6)  # epoch 1, 2nd step
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
+    resumed_model, resumed_hook, resumed_history = resumable_run(
+        tmp_path / "resumed", num_workers=num_workers, resume=True
+    )
+
+    assert resumed_history == straight_history
+    assert resumed_hook.calls == straight_hook.calls == 16
+    for name, value in straight_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[name]), name
+    straight_last = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed_last = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    for name, value in straight_last["model"].items():
+        assert torch.equal(value, resumed_last["model"][name]), name
+    for key in ("step", "epoch", "best_map50", "hooks"):
+        assert straight_last[key] == resumed_last[key], key
+    for param_id, state in straight_last["optimizer"]["state"].items():
+        assert torch.equal(
+            state["momentum_buffer"], resumed_last["optimizer"]["state"][param_id]["momentum_buffer"]
+        )
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        quick_fit(make_model(), out_dir=tmp_path, resume=True)
+
+
+class UnpicklableStateOnSecondSave:
+    def __init__(self) -> None:
+        self.saves = 0
+
+    def state_dict(self):
+        self.saves += 1
+        return {"saves": self.saves, "lock": threading.Lock() if self.saves == 2 else None}
+
+
+@pytest.mark.parametrize("failure", ["serialisation", "rename"])
+def test_failed_save_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch, failure):
+    hooks = []
+    if failure == "serialisation":
+        hooks = [UnpicklableStateOnSecondSave()]
+    else:
+        real_replace = os.replace
+        last_pt_writes = []
+
+        def replace_failing_on_second_last_pt(source, destination):
+            if Path(destination).name == "last.pt":
+                last_pt_writes.append(destination)
+                if len(last_pt_writes) == 2:
+                    raise OSError("disk full")
+            real_replace(source, destination)
+
+        monkeypatch.setattr(os, "replace", replace_failing_on_second_last_pt)
+    with pytest.raises(TypeError if failure == "serialisation" else OSError):
+        quick_fit(make_model(), epochs=3, hooks=hooks, out_dir=tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "last.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
+
+
+def test_bad_arguments_are_reported_together():
+    with pytest.raises(ValueError) as error:
+        fit(make_model(), ToyDetection(2), epochs=0, lr=-1.0, optimizer="rmsprop", loss_fn=toy_loss)
+    message = str(error.value)
+    assert "epochs" in message and "lr must be positive" in message and "rmsprop" in message
+
+
+def test_loss_without_total_is_an_error():
+    with pytest.raises(KeyError, match="total"):
+        quick_fit(make_model(), loss_fn=lambda outputs, targets: {"obj": outputs[0].mean()})
+
+
+def test_non_finite_loss_is_an_error():
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        quick_fit(make_model(), loss_fn=lambda outputs, targets: {"total": outputs[0].sum() * float("nan")})
+
+
+def test_hook_term_may_not_shadow_a_loss_term():
+    class Shadowing:
+        def loss_terms(self, images, targets, outputs):
+            return {"obj": outputs[0].sum() * 0}
+
+    with pytest.raises(ValueError, match="'obj'"):
+        quick_fit(make_model(), hooks=[Shadowing()])
+
+
+def test_sync_batchnorm_swap_is_undone_with_the_learnt_tensors():
+    model = TinyDetector()
+    original = model.stem[1]
+    restore = _swap_in_sync_batchnorm(model)
+    assert isinstance(model.stem[1], nn.SyncBatchNorm)
+    assert model.stem[1].weight is original.weight and model.stem[1].running_mean is original.running_mean
+    with torch.no_grad():
+        model.stem[1].weight.add_(1.0)
+    model.load_state_dict({**model.state_dict(), "stem.1.running_mean": torch.full((8,), 3.0)})
+    restore()
+    assert model.stem[1] is original and type(original) is nn.BatchNorm2d
+    assert torch.equal(original.weight, torch.full((8,), 2.0))
+    assert torch.equal(original.running_mean, torch.full((8,), 3.0))
+
+
+def run_torchrun(out: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(TESTS_DIR / "_ddp_worker.py"), str(out)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+
+@pytest.mark.timeout(240)
+def test_distributed_training_on_two_cpu_processes(tmp_path):
+    run_torchrun(tmp_path)
+    runs = {
+        (run, rank): torch.load(tmp_path / f"{run}_rank{rank}.pt", weights_only=True)
+        for run in ("straight", "resumed")
+        for rank in (0, 1)
+    }
+    reference = runs["straight", 0]
+    for key, result in runs.items():
+        assert result["history"] == reference["history"], key
+        for name, value in reference["state"].items():
+            assert torch.equal(result["state"][name], value), (key, name)
+    losses = reference["history"]["train/total"]
+    assert losses[-1] < losses[0]
+    # Rank 0 alone wrote the checkpoints; they hold both ranks' random states.
+    assert len(load_checkpoint(tmp_path / "straight" / "last.pt")["rng"]) == 2
