@@ -4,6 +4,7 @@ Chu et al., "Group channel pruning and spatial attention distilling for object d
 2022 (arXiv 2306.01526), as a plugin on torch-pruning.
 """
 
+from .evaluate import evaluate
 from .graph import pruning_ratio_dict
 from .importance import BNGammaImportance, L1FilterImportance, RandomImportance, ThiNetImportance
 from .prune import PruneResult, prune_detector
@@ -17,6 +18,7 @@ __all__ = [
     "PruneResult",
     "RandomImportance",
     "ThiNetImportance",
+    "evaluate",
     "load_pruned",
     "prune_detector",
     "pruning_ratio_dict",

@@ -27,7 +27,7 @@ from grouping import (
     prunable_norms,
 )
 from grouping.allocate import warn_if_missed
-from grouping.trace import ForwardFn, Observation, first_image_tensor, observe, run_forward
+from grouping.trace import ForwardFn, Observation, Recorder, first_image_tensor, run_forward
 
 from .graph import build_graph, crosses_channel_split
 from .importance import (
@@ -251,8 +251,7 @@ class _Budget:
         self.units = units
         self.kind = kind
         self.total_carriers = sum(m.local.numel() for u in units for m in u.carriers)
-        self.cost = layer_macs if kind == "macs" else layer_params
-        self.total = total_macs if kind == "macs" else total_params
+        self.costs = {"macs": (layer_macs, total_macs), "params": (layer_params, total_params)}
         self.base_out: dict[nn.Module, int] = {}
         self.base_in: dict[nn.Module, int] = {}
         for unit in units:
@@ -262,7 +261,15 @@ class _Budget:
                 self.base_in[m.module] = _in_channels(m.module)
 
     def __call__(self, masks: Sequence[torch.Tensor]) -> float:
-        if self.kind == "channels":
+        return self.fraction(masks, self.kind)
+
+    def fraction(self, masks: Sequence[torch.Tensor], kind: str) -> float:
+        """Fraction of the model's ``kind`` (channels, params or macs) that ``masks`` remove.
+
+        For MACs this is exact arithmetic, not an estimate: a conv's MACs are out × in/groups × k² × H × W, so
+        removing channels scales them by the kept fractions.
+        """
+        if kind == "channels":
             pruned = sum(int(mask[m.root].sum()) for u, mask in zip(self.units, masks) for m in u.carriers)
             return pruned / max(self.total_carriers, 1)
         out_pruned: dict[nn.Module, int] = {}
@@ -272,9 +279,10 @@ class _Budget:
                 out_pruned[m.module] = out_pruned.get(m.module, 0) + int(mask[m.root].sum())
             for m in unit.ins:
                 in_pruned[m.module] = in_pruned.get(m.module, 0) + int(mask[m.root].sum())
+        costs, total = self.costs[kind]
         removed = 0.0
         for module in set(out_pruned) | set(in_pruned):
-            cost = float(self.cost.get(module) or 0.0)
+            cost = float(costs.get(module) or 0.0)
             keep_out = 1.0 - out_pruned.get(module, 0) / max(self.base_out.get(module, 1), 1)
             keep_in = 1.0 - in_pruned.get(module, 0) / max(self.base_in.get(module, 1), 1)
             depthwise = (
@@ -285,7 +293,7 @@ class _Budget:
             else:
                 keep = keep_out * keep_in
             removed += cost * (1.0 - keep)
-        return removed / max(self.total, 1.0)
+        return removed / max(total, 1.0)
 
 
 def _in_channels(module: nn.Module) -> int:
@@ -444,17 +452,24 @@ def prune_detector(
     was_training = model.training
     model.eval()  # analysis passes must not move BatchNorm running statistics
     try:
-        try:
-            seen = observe(model, example_inputs, forward_fn, output_transform, watch=norms.values())
+        outputs: list[Any] = []
+
+        def traced_forward(mdl: nn.Module, inputs: Any) -> Any:
+            outputs.append(run_forward(mdl, inputs, forward_fn))
+            return outputs[-1]
+
+        try:  # torch-pruning's tracing pass doubles as our observation pass: the model runs once for both
+            with Recorder(model, example_inputs, watch=norms.values()) as recorder:
+                graph = build_graph(model, example_inputs, traced_forward, output_transform)
         except Exception as exc:  # the user's forward may raise anything; show it
             raise ValueError(
                 f"example_inputs do not run the model: {type(exc).__name__}: {exc}. Pass inputs the model "
                 "accepts, or a forward_fn(model, example_inputs)"
             ) from exc
+        seen = recorder.finish(output_transform(outputs[-1]) if output_transform else outputs[-1])
         modules = dict(model.named_modules())
         ignored = ignored + [modules[p] for p in seen.predictions if modules[p] not in ignored]
         part = _gcp_groups(model, example_inputs, groups, seen) if method == "gcp" else None
-        graph = build_graph(model, example_inputs, forward_fn, output_transform)
         units = _units(model, graph, ignored)
         _check_round_to(units, round_to)
         batch = first_image_tensor(example_inputs).shape[0]
@@ -525,13 +540,12 @@ def prune_detector(
         ]
         report = build_report(
             model,
-            example_inputs,
-            forward_fn,
             method=method,
             requested=ratio,
             budget=budget,
             achieved=measure(masks),
             before=(macs, params, before),
+            macs_after=macs * (1.0 - measure.fraction(masks, "macs")),
             groups=part,
             thresholds=thresholds,
         )

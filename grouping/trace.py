@@ -157,6 +157,90 @@ def layer_macs(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> float
     return 0.0
 
 
+class Recorder:
+    """Forward hooks that build an :class:`Observation` from whatever forward pass runs while they are attached.
+
+    Use as a context manager around any grad-enabled forward (ours in :func:`observe`, or torch-pruning's own
+    tracing pass, so that the model runs once for both), then call :meth:`finish` with that pass's outputs.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, watch: Iterable[nn.Module] = ()) -> None:
+        self.model = model
+        self.input_hw = tuple(first_image_tensor(example_inputs).shape[-2:])
+        self.names = {module: name for name, module in model.named_modules()}
+        self.watched = set(watch)
+        self.records: dict[nn.Module, LayerTrace] = {}
+        self.grad_fn_owner: dict[Any, str] = {}
+        self.dense_owner: dict[Any, str] = {}
+        self.macs: dict[nn.Module, float] = {}
+        self.sums: dict[nn.Module, torch.Tensor] = {}
+        self.counts: dict[nn.Module, int] = {}
+        self.handles: list[Any] = []
+
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if module not in self.records:
+            stride, shape = _output_stride(output, self.input_hw)
+            self.records[module] = LayerTrace(
+                self.names.get(module, ""), type(module).__name__, len(self.records), stride, shape, module
+            )
+        if module in self.watched:
+            for t in flatten_tensors(output):
+                if t.grad_fn is not None:
+                    self.grad_fn_owner.setdefault(t.grad_fn, self.names[module])
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            for t in flatten_tensors(output):
+                if t.grad_fn is not None:
+                    self.dense_owner.setdefault(t.grad_fn, self.names[module])
+            self.macs[module] = self.macs.get(module, 0.0) + layer_macs(module, inputs, output)
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                x = inputs[0].detach().float()
+                channel_dim = 1 if x.dim() == 4 else x.dim() - 1
+                dims = [d for d in range(x.dim()) if d != channel_dim]
+                self.sums[module] = self.sums.get(module, 0) + x.sum(dim=dims)
+                self.counts[module] = self.counts.get(module, 0) + x.numel() // max(x.shape[channel_dim], 1)
+
+    def __enter__(self) -> Recorder:
+        targets = [m for m in self.model.modules() if _is_leaf(m) or m in self.watched]
+        self.handles = [m.register_forward_hook(self._hook) for m in targets]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def finish(self, outputs: Any) -> Observation:
+        """Walk the autograd graph back from ``outputs`` (already output-transformed) and assemble the result."""
+        reached: dict[str, set[int]] = {self.names[m]: set() for m in self.watched}
+        predictions: list[str] = []
+        for index, tensor in enumerate(flatten_tensors(outputs)):
+            for fn in _ancestors(tensor.grad_fn, stop=set()):
+                if fn in self.grad_fn_owner:
+                    reached[self.grad_fn_owner[fn]].add(index)
+            # prediction layers: the first dense layer on each path back from this output
+            for fn in _ancestors(tensor.grad_fn, stop=self.dense_owner):
+                owner = self.dense_owner.get(fn)
+                if owner is not None and owner not in predictions:
+                    predictions.append(owner)
+        means = {m: (self.sums[m] / max(self.counts[m], 1)).cpu() for m in self.sums}
+        traces = sorted(self.records.values(), key=lambda r: r.order)
+        return Observation(traces, reached, predictions, self.macs, means)
+
+
+def _ancestors(root: Any, stop: Any) -> list[Any]:
+    """Autograd nodes reachable backwards from ``root``; nodes in ``stop`` are returned but not expanded."""
+    found, stack, seen = [], [root], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        found.append(fn)
+        if fn not in stop:
+            stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
+
+
 def observe(
     model: nn.Module,
     example_inputs: Any,
@@ -168,76 +252,11 @@ def observe(
 
     The caller chooses train/eval mode; use eval so BatchNorm statistics do not move.
     """
-    input_hw = tuple(first_image_tensor(example_inputs).shape[-2:])
-    names = {module: name for name, module in model.named_modules()}
-    watched = set(watch)
-    records: dict[nn.Module, LayerTrace] = {}
-    grad_fn_owner: dict[Any, str] = {}
-    dense_owner: dict[Any, str] = {}
-    macs: dict[nn.Module, float] = {}
-    sums: dict[nn.Module, torch.Tensor] = {}
-    counts: dict[nn.Module, int] = {}
-    dense_types = (nn.modules.conv._ConvNd, nn.Linear)
-
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if module not in records:
-            stride, shape = _output_stride(output, input_hw)
-            records[module] = LayerTrace(
-                names.get(module, ""), type(module).__name__, len(records), stride, shape, module
-            )
-        if module in watched:
-            for t in flatten_tensors(output):
-                if t.grad_fn is not None:
-                    grad_fn_owner.setdefault(t.grad_fn, names[module])
-        if isinstance(module, dense_types):
-            for t in flatten_tensors(output):
-                if t.grad_fn is not None:
-                    dense_owner.setdefault(t.grad_fn, names[module])
-            macs[module] = macs.get(module, 0.0) + layer_macs(module, inputs, output)
-            if inputs and isinstance(inputs[0], torch.Tensor):
-                x = inputs[0].detach().float()
-                channel_dim = 1 if x.dim() == 4 else x.dim() - 1
-                dims = [d for d in range(x.dim()) if d != channel_dim]
-                sums[module] = sums.get(module, 0) + x.sum(dim=dims)
-                counts[module] = counts.get(module, 0) + x.numel() // max(x.shape[channel_dim], 1)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_leaf(m) or m in watched]
-    try:
-        with torch.enable_grad():
-            outputs = run_forward(model, example_inputs, forward_fn)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with Recorder(model, example_inputs, watch) as recorder, torch.enable_grad():
+        outputs = run_forward(model, example_inputs, forward_fn)
     if output_transform is not None:
         outputs = output_transform(outputs)
-
-    reached: dict[str, set[int]] = {names[m]: set() for m in watched}
-    predictions: list[str] = []
-    for index, tensor in enumerate(flatten_tensors(outputs)):
-        stack, seen = [tensor.grad_fn], set()
-        while stack:
-            fn = stack.pop()
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            if fn in grad_fn_owner:
-                reached[grad_fn_owner[fn]].add(index)
-            stack.extend(nxt for nxt, _ in fn.next_functions)
-        # prediction layers: the first dense layer on each path back from this output
-        stack, seen = [tensor.grad_fn], set()
-        while stack:
-            fn = stack.pop()
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            if fn in dense_owner:
-                if dense_owner[fn] not in predictions:
-                    predictions.append(dense_owner[fn])
-                continue
-            stack.extend(nxt for nxt, _ in fn.next_functions)
-    means = {m: (sums[m] / max(counts[m], 1)).cpu() for m in sums}
-    traces = sorted(records.values(), key=lambda r: r.order)
-    return Observation(traces, reached, predictions, macs, means)
+    return recorder.finish(outputs)
 
 
 def prediction_layers(

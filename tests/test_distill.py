@@ -34,15 +34,6 @@ NUM_CLASSES = 3
 TOY_TAPS = ["stages.0", "stages.1", "stages.2", "stages.3", "reduce"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The models here are tiny: one intra-op thread is far faster than several fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),

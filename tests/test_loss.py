@@ -14,16 +14,6 @@ INPUT = 128  # grids of 16, 8 and 4 cells
 GRIDS = tuple(INPUT // s for s in (8, 16, 32))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP threads spin-wait
-    against other processes and run 20x slower (measured: 20 SGD steps 76 s vs 3.6 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def stub_model(num_classes: int) -> SimpleNamespace:
     """The attributes the loss reads, and nothing else."""
     return SimpleNamespace(anchors=torch.tensor(YOLOV4_ANCHORS), strides=(8, 16, 32), num_classes=num_classes)

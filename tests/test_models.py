@@ -34,16 +34,6 @@ PAPER_YOLOV4_PARAMS, PAPER_YOLOV4_MACS = 64.1e6, 29.9e9
 PAPER_SIZE_MB = {"yolov4": 256, "yolov3": 246, "mobilenet_yolov3": 95}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP threads spin-wait
-    against other processes and run 20x slower (measured: 20 SGD steps 76 s vs 3.6 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

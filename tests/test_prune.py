@@ -10,6 +10,7 @@ from torch import nn
 import gcp
 from gcp.graph import build_graph
 from gcp.importance import BNGammaImportance
+from gcp.report import count_macs_params
 from grouping import prediction_layers
 
 X = torch.randn(1, 3, 64, 64)
@@ -59,6 +60,15 @@ def test_budget_is_met_within_half_a_point(method, budget):
         assert removed / prunable <= report["achieved"] + 1e-9
     else:
         assert abs(report[budget]["pruned"] - 0.35) <= 0.005, report[budget]
+
+
+def test_report_macs_after_match_a_measured_count():
+    model = fresh()
+    report = gcp.prune_detector(model, X, ratio=0.4, budget="macs").report
+    macs, params = count_macs_params(model, X)
+    assert report["macs"]["after"] == pytest.approx(macs, rel=1e-6)
+    assert report["params"]["after"] == params == sum(p.numel() for p in model.parameters())
+    assert report["size_mb"]["after"] == pytest.approx(params * 4 / 2**20)
 
 
 def test_prediction_layers_keep_their_outputs():

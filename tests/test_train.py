@@ -31,15 +31,6 @@ from gcp.train import (
 TESTS_DIR = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: these models are tiny, and on a shared CPU more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quick_fit(model: nn.Module, **overrides) -> dict:
     """fit on the toy data with 4 steps per epoch, no progress bar, toy loss unless overridden."""
     options = dict(epochs=2, batch_size=2, lr=0.05, loss_fn=toy_loss, progress=False)
