@@ -135,3 +135,24 @@ def test_quantile_threshold_removes_exactly_the_rounded_count(values, ratio):
     expected = int(round(ratio * len(values)))
     with warnings.catch_warnings():
         assert int((t < threshold).sum()) == expected
+
+
+def test_partition_reproduces_the_papers_five_yolov4_groups():
+    """Paper §4.2.1 / §5.3: G1 backbone to stride 8, G2 stride 16, G3 stride 32 with the CBLs around SPP,
+    G4 the PANet top-down neck, G5 the heads with the bottom-up path."""
+    from gcp.models import yolov4
+
+    model = yolov4(num_classes=3, width=0.125, depth=0.33).eval()
+    groups = partition(model, torch.randn(1, 3, 128, 128))
+
+    def prefixes(group):
+        return {".".join(n.split(".")[:2]) for n in group.layers}
+
+    assert [g.name for g in groups] == ["backbone_s8", "backbone_s16", "backbone_s32", "neck", "head"]
+    g1, g2, g3, g4, g5 = groups
+    assert prefixes(g1) == {"backbone.stem", "backbone.stage1", "backbone.stage2", "backbone.stage3"}
+    assert prefixes(g2) == {"backbone.stage4"}
+    assert {"backbone.stage5", "spp.pre", "spp.post"} <= prefixes(g3)
+    assert all(p.startswith("neck.") for p in prefixes(g4)) and "neck.lateral_c3" in prefixes(g4)
+    assert {"head.0", "head.1", "head.2", "neck.down_p3"} <= prefixes(g5)
+    assert sum(len(g.layers) for g in groups) == len(grouping.prunable_norms(model))
