@@ -43,8 +43,12 @@ def run_one(which: str) -> dict:
         modules = dict(model.named_modules())
         heads = [modules[n] for n in prediction_layers(model, x)]
         pruner = tp.pruner.BNScalePruner(
-            model, x, importance=tp.importance.BNScaleImportance(), pruning_ratio=RATIO,
-            global_pruning=True, ignored_layers=heads,
+            model,
+            x,
+            importance=tp.importance.BNScaleImportance(),
+            pruning_ratio=RATIO,
+            global_pruning=True,
+            ignored_layers=heads,
         )
         pruner.step()
         params = float(sum(p.numel() for p in model.parameters()))
@@ -63,7 +67,9 @@ def main() -> None:
     wall = time.perf_counter()
     rows = {}
     for which in ("tp", "gcp"):
-        out = subprocess.run([sys.executable, __file__, "--one", which], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", which], capture_output=True, text=True, check=True
+        )
         rows[which] = json.loads(out.stdout.strip().splitlines()[-1])
         print(rows[which], flush=True)
     wall = time.perf_counter() - wall
@@ -75,11 +81,11 @@ in its own process (peak RSS = that process's high-water mark, model constructio
 
 | contender | wall time of the pruning call (s) | peak RSS (GB) | params after (M) |
 |---|---|---|---|
-| torch-pruning `BNScalePruner`, global | {rows['tp']['seconds']:.1f} | {rows['tp']['peak_rss_gb']:.2f} | {rows['tp']['params_after'] / 1e6:.2f} |
-| `gcp.prune_detector(method="gcp", allocator="valley")` | {rows['gcp']['seconds']:.1f} | {rows['gcp']['peak_rss_gb']:.2f} | {rows['gcp']['params_after'] / 1e6:.2f} |
+| torch-pruning `BNScalePruner`, global | {rows["tp"]["seconds"]:.1f} | {rows["tp"]["peak_rss_gb"]:.2f} | {rows["tp"]["params_after"] / 1e6:.2f} |
+| `gcp.prune_detector(method="gcp", allocator="valley")` | {rows["gcp"]["seconds"]:.1f} | {rows["gcp"]["peak_rss_gb"]:.2f} | {rows["gcp"]["params_after"] / 1e6:.2f} |
 
 Time ratio gcp / torch-pruning: **{ratio:.2f}×** (target ≤ 1.3×); peak RSS target ≤ 3 GB:
-{'met' if rows['gcp']['peak_rss_gb'] <= 3 else 'NOT met'}. gcp's call includes what torch-pruning's does not (the
+{"met" if rows["gcp"]["peak_rss_gb"] <= 3 else "NOT met"}. gcp's call includes what torch-pruning's does not (the
 group partition, MAC/param accounting for the budget, offset compensation, the report), all fed by
 torch-pruning's own single tracing pass; the two contenders remove different channels (per-group thresholds
 and vote vs one global ranking), hence different parameter counts. Both ran under the same background load

@@ -46,7 +46,9 @@ def main() -> None:
         model = sparse_like_gammas(yolov4(num_classes=20), SEED).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = gcp.prune_detector(model, x, ratio=dict(zip(names, ratios)), allocator="explicit", groups=groups)
+            result = gcp.prune_detector(
+                model, x, ratio=dict(zip(names, ratios)), allocator="explicit", groups=groups
+            )
         r = result.report
         rows.append((model_name, ratios, r, size, gflops, mparams))
         print(model_name, r["params"]["after"], r["macs"]["after"], flush=True)

@@ -80,8 +80,17 @@ def main() -> None:
     print(f"{per_step:.2f} s/step -> {epochs} epochs in {args.minutes} min", flush=True)
     train_start = time.perf_counter()
     history = fit(
-        model, train, val, epochs=epochs, lr=0.01, batch_size=BATCH, ema=True, out_dir=args.out,
-        seed=args.seed, warmup_epochs=1.0, progress=False,
+        model,
+        train,
+        val,
+        epochs=epochs,
+        lr=0.01,
+        batch_size=BATCH,
+        ema=True,
+        out_dir=args.out,
+        seed=args.seed,
+        warmup_epochs=1.0,
+        progress=False,
     )
     train_minutes = (time.perf_counter() - train_start) / 60
     metrics = evaluate(model, test, batch_size=16, progress=False)
@@ -89,7 +98,8 @@ def main() -> None:
     asset = Path(args.asset)
     weights = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     gcp.io.atomic_torch_save(
-        {"builder": json.dumps(model.gcp_builder), "state_dict": weights, "map50": float(metrics["map50"])}, asset
+        {"builder": json.dumps(model.gcp_builder), "state_dict": weights, "map50": float(metrics["map50"])},
+        asset,
     )
     wall_minutes = (time.perf_counter() - wall) / 60
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}), flush=True)
@@ -104,10 +114,10 @@ cosine, EMA, {epochs} epochs (chosen from a measured {per_step:.2f} s/step so th
 
 | split | mAP@0.5 | mAP@0.5:0.95 | target |
 |---|---|---|---|
-| DigitScenes test | {metrics['map50']:.3f} | {metrics['map']:.3f} | mAP@0.5 ≥ 0.60 in ≤ 45 min |
+| DigitScenes test | {metrics["map50"]:.3f} | {metrics["map"]:.3f} | mAP@0.5 ≥ 0.60 in ≤ 45 min |
 
-Target {'met' if metrics['map50'] >= 0.6 and wall_minutes <= 45 else 'NOT met'}. Last training loss terms:
-{ {k: round(v[-1], 3) for k, v in history.items() if k.startswith('train/') and v and v[-1] is not None} }.
+Target {"met" if metrics["map50"] >= 0.6 and wall_minutes <= 45 else "NOT met"}. Last training loss terms:
+{ {k: round(v[-1], 3) for k, v in history.items() if k.startswith("train/") and v and v[-1] is not None} }.
 The weights are shipped as `{asset}` (fp16) and are the teacher of `gcp demo`."""
     write_section("CPU-scale reference: reduced YOLOv4 on DigitScenes (issue 3 §6)", body)
 

@@ -1,0 +1,120 @@
+"""Issue 3 §6, second half: Ultralytics YOLOv8n trained from scratch on the same DigitScenes split, same budget.
+
+Converts the DigitScenes VOC layout (made by `train_reference.py`, same seed) to YOLO txt labels, trains
+`yolov8n.yaml` from scratch with Ultralytics' own trainer for ``--minutes`` (its ``time=`` budget, offline,
+no plots), then scores its test-split detections with *our* evaluator (pycocotools, same thresholds as
+`gcp.evaluate`) so both models are measured the same way.
+
+    YOLO_OFFLINE=1 python benchmarks/bench_vs_yolov8n.py --minutes 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import git_revision, machine, now, write_section  # noqa: E402
+
+from gcp.data import VOCDataset, make_digit_scenes  # noqa: E402
+from gcp.evaluate import compute_map  # noqa: E402
+
+SIZE = 256
+
+
+def to_yolo_layout(voc: Path, out: Path) -> Path:
+    """Write images/ + labels/ per split (symlinked images, normalised cxcywh labels) and a data yaml."""
+    for split in ("train", "val", "test"):
+        data = VOCDataset(voc, split, size=SIZE)
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for record in data.records:
+            src = Path(record.image_path)
+            dst = out / "images" / split / src.name
+            if not dst.exists():
+                dst.symlink_to(src.resolve())
+            lines = []
+            for (x0, y0, x1, y1), label in zip(record.boxes.tolist(), record.labels.tolist()):
+                w, h = record.width, record.height
+                lines.append(
+                    f"{label} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}"
+                )
+            (out / "labels" / split / (src.stem + ".txt")).write_text("\n".join(lines) + "\n")
+    names = VOCDataset(voc, "train", size=SIZE).class_names
+    yaml_path = out / "digits.yaml"
+    yaml_path.write_text(
+        f"path: {out.resolve()}\ntrain: images/train\nval: images/val\ntest: images/test\n"
+        + "names:\n"
+        + "".join(f"  {i}: '{n}'\n" for i, n in enumerate(names))
+    )
+    return yaml_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", default=".data/digit_scenes")
+    parser.add_argument("--minutes", type=float, default=40.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    from ultralytics import YOLO
+
+    wall = time.perf_counter()
+    voc = make_digit_scenes(args.root, n_train=3000, n_val=500, n_test=500, size=SIZE, seed=args.seed)
+    data_yaml = to_yolo_layout(voc, Path(args.root + "_yolo"))
+    model = YOLO("yolov8n.yaml")
+    start = time.perf_counter()
+    model.train(
+        data=str(data_yaml),
+        imgsz=SIZE,
+        epochs=100,
+        time=args.minutes / 60,
+        batch=32,
+        workers=0,
+        device="cpu",
+        plots=False,
+        seed=args.seed,
+        project="runs/yolov8n",
+        name="digits",
+        exist_ok=True,
+        pretrained=False,
+        amp=False,
+        val=True,
+        verbose=False,
+    )
+    train_minutes = (time.perf_counter() - start) / 60
+    test = VOCDataset(voc, "test", size=SIZE)
+    predictions, targets = [], []
+    for index, record in enumerate(test.records):
+        result = model.predict(
+            str(record.image_path), imgsz=SIZE, conf=0.001, iou=0.6, max_det=300, verbose=False
+        )[0]
+        predictions.append(
+            {
+                "boxes": result.boxes.xyxy.cpu(),
+                "scores": result.boxes.conf.cpu(),
+                "labels": result.boxes.cls.long().cpu(),
+            }
+        )
+        targets.append({"boxes": record.boxes, "labels": record.labels, "image_id": index})
+    metrics = compute_map(predictions, targets, test.num_classes, test.class_names)
+    params = sum(p.numel() for p in model.model.parameters())
+    body = f"""Command: `YOLO_OFFLINE=1 python benchmarks/bench_vs_yolov8n.py --minutes {args.minutes:g}` — seed
+{args.seed}, {now()}, commit {git_revision()}, {machine()}. Total wall time {(time.perf_counter() - wall) / 60:.1f}
+min (training {train_minutes:.1f} min). Ultralytics YOLOv8n from `yolov8n.yaml` (no pretrained weights),
+{params / 1e6:.2f} M params, its own trainer and augmentation, 256 px, batch 32, `time={args.minutes / 60:.2f}` h;
+test detections scored with `gcp.evaluate.compute_map` (conf 0.001, NMS IoU 0.6).
+
+| model | mAP@0.5 | mAP@0.5:0.95 |
+|---|---|---|
+| YOLOv8n (Ultralytics trainer) | {metrics["map50"]:.3f} | {metrics["map"]:.3f} |"""
+    write_section("CPU-scale comparison: Ultralytics YOLOv8n on the same DigitScenes split", body)
+    print(metrics["map50"], metrics["map"])
+
+
+if __name__ == "__main__":
+    main()
