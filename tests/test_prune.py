@@ -294,3 +294,17 @@ def test_non_finite_gamma_and_bad_inputs_shape():
     with pytest.raises(ValueError, match="example_inputs do not run the model: RuntimeError"):
         gcp.prune_detector(model, torch.randn(1, 5, 64, 64), ratio=0.3)
     assert same_state(before, state(model))
+
+
+def test_groups_from_a_yaml_file(tmp_path):
+    spec = tmp_path / "groups.yaml"
+    spec.write_text(
+        "early:\n  - 'stem.*'\n  - 'stage1.*'\nrest:\n  - 'stage[23].*'\n  - 'spp.*'\n  - 'lateral.*'\n"
+        "  - 'fuse.*'\n  - 'head*'\n  - 'down.*'\n"
+    )
+    model = fresh()
+    result = gcp.prune_detector(
+        model, X, ratio={"early": 0.1, "rest": 0.5}, allocator="explicit", groups=str(spec)
+    )
+    assert [g["name"] for g in result.report["groups"]] == ["early", "rest"]
+    assert result.report["groups"][1]["ratio"] > result.report["groups"][0]["ratio"]
