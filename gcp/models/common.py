@@ -8,7 +8,7 @@ instance so a forward trace (``grouping.trace_layers``) sees each layer exactly 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -112,6 +112,40 @@ def five_cbl(in_channels: int, channels: int) -> nn.Sequential:
         cbl(channels, channels * 2, 3),
         cbl(channels * 2, channels, 1),
     )
+
+
+DARKNET_WIDTHS = (32, 64, 128, 256, 512, 1024)
+
+
+class DarknetBackbone(nn.Module):
+    """A stem and five stride-2 stages (Darknet53 and CSPDarknet53 share this skeleton, paper §3 Fig. 3).
+
+    ``stage(in_channels, out_channels, repeats, index)`` builds stage ``index`` (1–5); forward returns the
+    stride-8, 16 and 32 feature maps (C3, C4, C5) that the neck consumes.
+    """
+
+    def __init__(
+        self,
+        stem: Callable[[int, int, int], nn.Module],
+        stage: Callable[[int, int, int, int], nn.Module],
+        repeats: Sequence[int],
+        width: float = 1.0,
+        depth: float = 1.0,
+    ) -> None:
+        super().__init__()
+        c = [scale_channels(n, width) for n in DARKNET_WIDTHS]
+        r = [scale_depth(n, depth) for n in repeats]
+        self.stem = stem(3, c[0], 3)
+        for index in range(1, 6):
+            setattr(self, f"stage{index}", stage(c[index - 1], c[index], r[index - 1], index))
+        self.out_channels = (c[3], c[4], c[5])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.stage2(self.stage1(self.stem(x)))
+        c3 = self.stage3(x)
+        c4 = self.stage4(c3)
+        c5 = self.stage5(c4)
+        return c3, c4, c5
 
 
 class YoloHeadLevel(nn.Module):

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gcp.models.common import ResUnit, YoloDetector, cbl, five_cbl, scale_channels, scale_depth
+from gcp.models.common import (
+    DarknetBackbone,
+    ResUnit,
+    YoloDetector,
+    cbl,
+    five_cbl,
+    scale_channels,
+)
 
 # Res units per stage of Darknet53 (strides 2, 4, 8, 16, 32).
 DARKNET53_REPEATS = (1, 2, 8, 8, 4)
@@ -31,27 +38,11 @@ class DarknetStage(nn.Module):
         return self.res_units(self.downsample(x))
 
 
-class Darknet53(nn.Module):
-    """Backbone returning the stride-8, 16 and 32 feature maps (C3, C4, C5)."""
-
-    def __init__(self, width: float = 1.0, depth: float = 1.0) -> None:
-        super().__init__()
-        c = [scale_channels(n, width) for n in (32, 64, 128, 256, 512, 1024)]
-        repeats = [scale_depth(n, depth) for n in DARKNET53_REPEATS]
-        self.stem = cbl(3, c[0], 3)
-        self.stage1 = DarknetStage(c[0], c[1], repeats[0])
-        self.stage2 = DarknetStage(c[1], c[2], repeats[1])
-        self.stage3 = DarknetStage(c[2], c[3], repeats[2])
-        self.stage4 = DarknetStage(c[3], c[4], repeats[3])
-        self.stage5 = DarknetStage(c[4], c[5], repeats[4])
-        self.out_channels = (c[3], c[4], c[5])
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.stage2(self.stage1(self.stem(x)))
-        c3 = self.stage3(x)
-        c4 = self.stage4(c3)
-        c5 = self.stage5(c4)
-        return c3, c4, c5
+def darknet53(width: float = 1.0, depth: float = 1.0) -> DarknetBackbone:
+    """Darknet53: CBL stem and five Darknet stages (stride-2 CBL + residual units)."""
+    return DarknetBackbone(
+        cbl, lambda cin, cout, n, _i: DarknetStage(cin, cout, n), DARKNET53_REPEATS, width, depth
+    )
 
 
 class FPNNeck(nn.Module):
@@ -105,7 +96,7 @@ def yolov3(
 ) -> FPNDetector:
     """Build YOLOv3 (Darknet53 + FPN). ``width`` scales channels (multiples of 8), ``depth`` the Res units;
     ``anchors`` (3, A, 2) in input pixels default to YOLOv4's 416-px anchors."""
-    model = FPNDetector(Darknet53(width, depth), num_classes, width, anchors)
+    model = FPNDetector(darknet53(width, depth), num_classes, width, anchors)
     model.gcp_builder = {
         "name": "yolov3",
         "kwargs": {

@@ -11,7 +11,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gcp.models.common import ResUnit, YoloDetector, cbl, cbm, five_cbl, scale_channels, scale_depth
+from gcp.models.common import (
+    DarknetBackbone,
+    ResUnit,
+    YoloDetector,
+    cbl,
+    cbm,
+    five_cbl,
+    scale_channels,
+)
 
 # Res units per CSP stage of CSPDarknet53 (strides 2, 4, 8, 16, 32).
 CSPDARKNET53_REPEATS = (1, 2, 8, 8, 4)
@@ -45,27 +53,11 @@ class CSPStage(nn.Module):
         return self.fuse(torch.cat([main, shortcut], dim=1))
 
 
-class CSPDarknet53(nn.Module):
-    """Backbone returning the stride-8, 16 and 32 feature maps (C3, C4, C5)."""
-
-    def __init__(self, width: float = 1.0, depth: float = 1.0) -> None:
-        super().__init__()
-        c = [scale_channels(n, width) for n in (32, 64, 128, 256, 512, 1024)]
-        repeats = [scale_depth(n, depth) for n in CSPDARKNET53_REPEATS]
-        self.stem = cbm(3, c[0], 3)
-        self.stage1 = CSPStage(c[0], c[1], repeats[0], first=True)
-        self.stage2 = CSPStage(c[1], c[2], repeats[1])
-        self.stage3 = CSPStage(c[2], c[3], repeats[2])
-        self.stage4 = CSPStage(c[3], c[4], repeats[3])
-        self.stage5 = CSPStage(c[4], c[5], repeats[4])
-        self.out_channels = (c[3], c[4], c[5])
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.stage2(self.stage1(self.stem(x)))
-        c3 = self.stage3(x)
-        c4 = self.stage4(c3)
-        c5 = self.stage5(c4)
-        return c3, c4, c5
+def cspdarknet53(width: float = 1.0, depth: float = 1.0) -> DarknetBackbone:
+    """CSPDarknet53: CBM stem and five CSP stages (the first without channel halving, as in darknet's cfg)."""
+    return DarknetBackbone(
+        cbm, lambda cin, cout, n, i: CSPStage(cin, cout, n, first=i == 1), CSPDARKNET53_REPEATS, width, depth
+    )
 
 
 class SPPBlock(nn.Module):
@@ -146,7 +138,7 @@ class YOLOv4(YoloDetector):
         anchors: Sequence | torch.Tensor | None = None,
     ) -> None:
         super().__init__(num_classes, anchors)
-        self.backbone = CSPDarknet53(width, depth)
+        self.backbone = cspdarknet53(width, depth)
         c3, c4, c5 = self.backbone.out_channels
         self.spp = SPPBlock(c5, scale_channels(512, width))
         self.neck = PANetNeck(c3, c4, self.spp.out_channels, width)
