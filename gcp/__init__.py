@@ -5,6 +5,7 @@ Chu et al., "Group channel pruning and spatial attention distilling for object d
 """
 
 from .evaluate import evaluate
+from .export import export_onnx
 from .graph import pruning_ratio_dict
 from .importance import BNGammaImportance, L1FilterImportance, RandomImportance, ThiNetImportance
 from .prune import PruneResult, prune_detector
@@ -19,6 +20,7 @@ __all__ = [
     "RandomImportance",
     "ThiNetImportance",
     "evaluate",
+    "export_onnx",
     "load_pruned",
     "prune_detector",
     "pruning_ratio_dict",
