@@ -28,7 +28,7 @@ from gcp.evaluate import evaluate  # noqa: E402
 from gcp.loss import YoloLoss  # noqa: E402
 from gcp.models import YOLOV4_ANCHORS, scale_anchors, yolov4  # noqa: E402
 from gcp.report import count_macs_params  # noqa: E402
-from gcp.train import fit  # noqa: E402
+from gcp.train import fit, load_checkpoint  # noqa: E402
 
 SIZE = 256
 BATCH = 32
@@ -66,6 +66,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--asset", default="gcp/assets/digits_teacher.pt")
+    parser.add_argument(
+        "--finalize",
+        action="store_true",
+        help="skip training: evaluate and ship the last checkpoint in --out (a run stopped early)",
+    )
+    parser.add_argument(
+        "--started-at", type=float, help="with --finalize: Unix time the stopped run was launched"
+    )
     args = parser.parse_args()
     wall = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -74,25 +82,41 @@ def main() -> None:
     val = VOCDataset(root, "val", size=SIZE)
     test = VOCDataset(root, "test", size=SIZE)
     model = build_student()
-    per_step = seconds_per_step(model, train)
-    steps_per_epoch = (len(train) + BATCH - 1) // BATCH
-    epochs = max(1, int(args.minutes * 60 / (per_step * steps_per_epoch * 1.05)))
-    print(f"{per_step:.2f} s/step -> {epochs} epochs in {args.minutes} min", flush=True)
-    train_start = time.perf_counter()
-    history = fit(
-        model,
-        train,
-        val,
-        epochs=epochs,
-        lr=0.01,
-        batch_size=BATCH,
-        ema=True,
-        out_dir=args.out,
-        seed=args.seed,
-        warmup_epochs=1.0,
-        progress=False,
-    )
-    train_minutes = (time.perf_counter() - train_start) / 60
+    if args.finalize:
+        checkpoint = load_checkpoint(Path(args.out) / "last.pt")
+        model.load_state_dict(checkpoint["ema"]["module"] if checkpoint.get("ema") else checkpoint["model"])
+        history, epochs = checkpoint["history"], checkpoint["epochs"]
+        done = len(history["epoch"])
+        per_step = float("nan")
+        if args.started_at is None:
+            parser.error("--finalize needs --started-at (when the stopped run was launched, as a Unix time)")
+        train_minutes = (Path(args.out, "last.pt").stat().st_mtime - args.started_at) / 60
+        stopped = (
+            f" Training was STOPPED after {done} of {epochs} planned epochs (the machine was shared with other"
+            " jobs and epochs took far longer than the probe predicted); the EMA weights of epoch"
+            f" {done} are evaluated."
+        )
+    else:
+        per_step = seconds_per_step(model, train)
+        steps_per_epoch = (len(train) + BATCH - 1) // BATCH
+        epochs = max(1, int(args.minutes * 60 / (per_step * steps_per_epoch * 1.05)))
+        print(f"{per_step:.2f} s/step -> {epochs} epochs in {args.minutes} min", flush=True)
+        train_start = time.perf_counter()
+        history = fit(
+            model,
+            train,
+            val,
+            epochs=epochs,
+            lr=0.01,
+            batch_size=BATCH,
+            ema=True,
+            out_dir=args.out,
+            seed=args.seed,
+            warmup_epochs=1.0,
+            progress=False,
+        )
+        train_minutes = (time.perf_counter() - train_start) / 60
+        stopped = ""
     metrics = evaluate(model, test, batch_size=16, progress=False)
     macs, params = count_macs_params(model, torch.zeros(1, 3, SIZE, SIZE))
     asset = Path(args.asset)
@@ -104,13 +128,13 @@ def main() -> None:
     wall_minutes = (time.perf_counter() - wall) / 60
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}), flush=True)
     body = f"""Command: `python benchmarks/train_reference.py --minutes {args.minutes:g}` — seed {args.seed}, {now()},
-commit {git_revision()}, {machine()}. Total wall time {wall_minutes:.1f} min (training {train_minutes:.1f} min; the
-rest is dataset generation, a 10-step speed probe and evaluation).
+commit {git_revision()}, {machine()}. {"Evaluation wall time " if args.finalize else "Total wall time "}{wall_minutes:.1f} min;
+training {train_minutes:.1f} min{" (launch of the stopped run to its last checkpoint)" if args.finalize else " (the rest is dataset generation, a 10-step speed probe and evaluation)"}.
 
 Model: `yolov4(num_classes=10, width=0.25, depth=0.33)`, anchors = YOLOv4's scaled by 256/416; {params / 1e6:.2f} M
 params, {macs / 1e9:.2f} GMACs at 256×256. Data: DigitScenes 3,000 train / 500 val / 500 test at 256 px (seed
 {args.seed}). Training: SGD (nesterov, momentum 0.937, wd 5e-4), lr 0.01, batch {BATCH}, 1 warm-up epoch then
-cosine, EMA, {epochs} epochs (chosen from a measured {per_step:.2f} s/step so the run fits the time budget).
+cosine, EMA, {epochs} epochs (chosen from a measured {per_step:.2f} s/step so the run fits the time budget).{stopped}
 
 | split | mAP@0.5 | mAP@0.5:0.95 | target |
 |---|---|---|---|
