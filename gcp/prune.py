@@ -29,6 +29,7 @@ from grouping import (
 from grouping.allocate import warn_if_missed
 from grouping.trace import ForwardFn, Observation, Recorder, first_image_tensor, run_forward
 
+from .adapters import Adapter, failing_module, resolve_adapter, tracing_hint
 from .graph import build_graph, crosses_channel_split
 from .importance import (
     CONV_IN_FNS,
@@ -92,6 +93,7 @@ class PruneResult:
     report: dict[str, Any]
     history: list[list[Any]]
     input_shape: list[int]
+    adapter: str | None = None
 
     def save(self, path: str | Path) -> Path:
         """Write weights + a plain description of the kept channels (see :func:`gcp.load_pruned`)."""
@@ -140,11 +142,25 @@ def _resolve_ignored(model: nn.Module, ignored: Iterable[nn.Module | str] | None
     return result
 
 
+def _touches_grouped_conv(group: Any) -> bool:
+    """True when a group's channels enter or leave a grouped conv that is not depthwise (ResNeXt, RegNet).
+
+    torch-pruning 1.6 prunes such a conv as if it were dense, leaving a weight whose channel counts are no
+    longer divisible by ``groups``; those channels are kept whole. Depthwise convs (groups = in = out) are fine.
+    """
+    return any(
+        isinstance(dep.layer, nn.modules.conv._ConvNd)
+        and dep.layer.groups > 1
+        and not dep.layer.groups == dep.layer.in_channels == dep.layer.out_channels
+        for dep, _ in group
+    )
+
+
 def _units(model: nn.Module, graph: Any, ignored: list[nn.Module]) -> list[Unit]:
     names = {m: n for n, m in model.named_modules()}
     units = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-        if crosses_channel_split(graph, group):
+        if crosses_channel_split(graph, group) or _touches_grouped_conv(group):
             continue
         root = group[0].dep.target.module
         unit = Unit(group=group, root_name=names[root], size=len(group[0].idxs))
@@ -421,6 +437,7 @@ def prune_detector(
     output_transform: Callable[[Any], Any] | None = None,
     calib_data: Any = None,
     seed: int = 0,
+    adapter: str | Adapter | None = "auto",
 ) -> PruneResult:
     """Structurally prune ``model`` in place so that ``ratio`` of its ``budget`` is removed.
 
@@ -431,12 +448,20 @@ def prune_detector(
     coupled unit, ranked by next-layer reconstruction, filter L1 norm or chance. Prediction layers (convs that
     feed an output) keep their outputs; ``ignored_layers`` adds more. Removed channels' mean activations are
     folded into their consumers. Bad input raises before the model is touched.
+
+    ``adapter`` (default ``"auto"``: the registered family that recognises the model, see :mod:`gcp.adapters`)
+    lets detectors we did not write be pruned from a plain image batch: it rewrites split blocks into
+    equivalent prunable ones, traces only the trainable network (its ``forward_fn``, unless one is given) and
+    keeps the layers the family needs whole. ``None`` uses the model as given.
     """
     _validate(ratio, method, allocator, budget, coupling, round_to, min_keep)
     if method == "thinet" and calib_data is None:
         raise ValueError(
             "method='thinet' needs calib_data: a few image batches to measure reconstruction error"
         )
+    family = resolve_adapter(model, adapter)
+    if family is not None:  # output-identical rewrite, before the layers are inspected (their names change)
+        family.prepare_model(model)
     norms = prunable_norms(model)
     if method in ("gcp", "slim"):
         if not norms:
@@ -448,6 +473,9 @@ def prune_detector(
         if bad:
             raise ValueError(f"non-finite BatchNorm γ in layers {bad[:5]}: the model's weights are corrupt")
     ignored = _resolve_ignored(model, ignored_layers)
+    if family is not None:
+        ignored += _resolve_ignored(model, family.ignored(model))
+        forward_fn = forward_fn or family.forward_fn
 
     was_training = model.training
     model.eval()  # analysis passes must not move BatchNorm running statistics
@@ -461,12 +489,23 @@ def prune_detector(
         try:  # torch-pruning's tracing pass doubles as our observation pass: the model runs once for both
             with Recorder(model, example_inputs, watch=norms.values()) as recorder:
                 graph = build_graph(model, example_inputs, traced_forward, output_transform)
-        except Exception as exc:  # the user's forward may raise anything; show it
+        except Exception as exc:  # the user's forward may raise anything; show it and where it happened
+            if outputs:
+                raise ValueError(
+                    f"torch-pruning could not trace the outputs of {type(model).__name__} ({type(exc).__name__}: "
+                    f"{exc}); pass {tracing_hint(model, family)}"
+                ) from exc
             raise ValueError(
-                f"example_inputs do not run the model: {type(exc).__name__}: {exc}. Pass inputs the model "
-                "accepts, or a forward_fn(model, example_inputs)"
+                f"example_inputs do not run the model: {type(exc).__name__}: {exc} (raised in "
+                f"{failing_module(model, example_inputs, forward_fn)}). Pass inputs the model accepts, or "
+                f"{tracing_hint(model, family)}"
             ) from exc
         seen = recorder.finish(output_transform(outputs[-1]) if output_transform else outputs[-1])
+        if not seen.predictions:
+            raise ValueError(
+                "no model output is computed by a conv or linear layer (outputs detached or postprocessed "
+                f"without gradients), so the trainable network cannot be traced; pass {tracing_hint(model, family)}"
+            )
         modules = dict(model.named_modules())
         ignored = ignored + [modules[p] for p in seen.predictions if modules[p] not in ignored]
         part = _gcp_groups(model, example_inputs, groups, seen) if method == "gcp" else None
@@ -556,6 +595,7 @@ def prune_detector(
         report=report,
         history=history,
         input_shape=list(first_image_tensor(example_inputs).shape),
+        adapter=family.name if family is not None else None,
     )
 
 

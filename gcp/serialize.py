@@ -49,6 +49,7 @@ def save_pruned(result: PruneResult, path: str | Path) -> Path:
             "input_shape": result.input_shape,
             "history": result.history,
             "report": result.report,
+            "adapter": result.adapter,
         }
     )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -92,7 +93,8 @@ def load_pruned(
     """Rebuild a pruned model: replay the saved pruning history onto ``base`` and load the weights.
 
     ``base`` is a freshly built, unpruned model of the same architecture; it may be omitted for models built by
-    ``gcp.models`` (their builder and arguments are recorded). Returns the model in eval mode with outputs
+    ``gcp.models`` (their builder and arguments are recorded). A model pruned through an adapter
+    (:mod:`gcp.adapters`) gets the same rewrite and tracing here. Returns the model in eval mode with outputs
     bit-identical to the saved one. A file from another architecture raises ValueError naming the mismatch.
     """
     meta, state = read_pruned(path)
@@ -105,6 +107,16 @@ def load_pruned(
         from .models import build
 
         base = build(builder["name"], **builder["kwargs"])
+    if meta.get("adapter"):  # redo the adapter's equivalent rewrite, so layer names match the history
+        from .adapters import get_adapter
+
+        family = get_adapter(meta["adapter"])
+        if not family.matches(base):
+            raise ValueError(
+                f"{path}: pruned through adapter {meta['adapter']!r}, which does not fit the base model"
+            )
+        family.prepare_model(base)
+        forward_fn = forward_fn or family.forward_fn
     if example_inputs is None:
         example_inputs = torch.zeros(meta["input_shape"])
     base.eval()
