@@ -72,6 +72,26 @@ def build(name: str) -> torch.nn.Module:
     return sparse_like_gammas(model, SEED).eval()
 
 
+def calibrate_norms(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Measure BatchNorm running statistics on ``images`` through the adapter's network.
+
+    A freshly built model's statistics (mean 0, variance 1) do not match its activations, which then fade to a
+    constant through the depth of the network; the ONNX comparison would compare constants.
+    """
+    from gcp.adapters import network
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    with torch.no_grad():
+        network(model)(images)
+    for m in norms:
+        m.momentum = 0.1
+        m.eval()
+
+
 def structure(outputs: Any, internal: bool = False) -> Any:
     """Output structure: container types, dict keys and tensor shapes without the batch axis.
 
@@ -112,6 +132,7 @@ def run_model(name: str, methods: list[str]) -> dict[str, Any]:
     build_s = time.perf_counter() - start
     side = MODELS[name][2]
     images = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(SEED))
+    calibrate_norms(base, torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(SEED + 1)))
     reference = run_both_modes(name, base, images)
     params = sum(p.numel() for p in base.parameters())
     rows = []
@@ -183,7 +204,7 @@ def main() -> None:
     slowest = max(row["seconds"] for res in results for row in res["rows"])
     body = f"""Command: `python benchmarks/bench_adapters.py` — seed {SEED}, {now()}, commit {git_revision()},
 {machine()}. Total wall time {wall:.0f} s. Every model built from its config with random weights and
-`sparse_like_gammas` γ, pruned with `gcp.prune_detector(model, images, ratio={RATIO}, method=...)` from one
+`sparse_like_gammas` γ and BatchNorm statistics measured on two random images, pruned with `gcp.prune_detector(model, images, ratio={RATIO}, method=...)` from one
 image batch tensor (the adapter is found automatically); ThiNet calibrates on that same batch. "graph + prune"
 is the whole call (adapter rewrite, dependency graph, ranking, pruning, report); the slowest took
 {slowest:.1f} s (target ≤ 60 s). Ratio {RATIO} is of the budget `channels`: BN γ entries in prunable layers for

@@ -417,6 +417,7 @@ def load_config(
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """Nested plain dicts and lists (what :func:`build_config` takes back)."""
     return dataclasses.asdict(config)
 
 

@@ -142,6 +142,7 @@ class Context:
 
     @property
     def device(self) -> torch.device:
+        """``device`` of the config; ``auto`` is CUDA when present, asking for absent CUDA is an error."""
         if self.config.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.config.device)
@@ -151,6 +152,7 @@ class Context:
 
     @property
     def example_inputs(self) -> torch.Tensor:
+        """One blank image at ``data.size``: the input shape pruning, tracing and counting MACs need."""
         size = self.config.data.size
         return torch.zeros(1, 3, size, size)
 

@@ -452,7 +452,8 @@ def prune_detector(
     ``adapter`` (default ``"auto"``: the registered family that recognises the model, see :mod:`gcp.adapters`)
     lets detectors we did not write be pruned from a plain image batch: it rewrites split blocks into
     equivalent prunable ones, traces only the trainable network (its ``forward_fn``, unless one is given) and
-    keeps the layers the family needs whole. ``None`` uses the model as given.
+    keeps the layers the family needs whole. ``None`` uses the model as given. The rewrite happens before the
+    model is inspected and leaves its outputs unchanged, so a model that then fails a check still works.
     """
     _validate(ratio, method, allocator, budget, coupling, round_to, min_keep)
     if method == "thinet" and calib_data is None:

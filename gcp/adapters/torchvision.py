@@ -44,7 +44,7 @@ def is_torchvision_detector(model: nn.Module) -> bool:
     return False
 
 
-def _features(model: nn.Module, images: Any) -> tuple[Any, list[torch.Tensor]]:
+def _features(model: nn.Module, images: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     batch, _ = model.transform(image_list(images))
     features = model.backbone(batch.tensors)
     if isinstance(features, torch.Tensor):
@@ -55,8 +55,9 @@ def _features(model: nn.Module, images: Any) -> tuple[Any, list[torch.Tensor]]:
 class FrozenNorm(nn.BatchNorm2d):
     """``FrozenBatchNorm2d`` as a BatchNorm2d: running statistics and affine terms fixed, in train mode too.
 
-    Same output as the frozen layer up to float rounding (it computes ``x * scale + shift`` from the same four
-    vectors), but torch-pruning prunes it like any BatchNorm. γ and β stay non-trainable, as before.
+    Same output as the frozen layer up to float rounding (that one computes ``x * scale + shift`` from the same
+    four vectors, this one ``F.batch_norm`` in inference mode), but torch-pruning prunes it like any BatchNorm.
+    γ and β stay non-trainable, as before.
     """
 
     def __init__(self, frozen: FrozenBatchNorm2d) -> None:
