@@ -83,8 +83,8 @@ def attention_layers(model: nn.Module) -> list[str]:
     return found
 
 
-class SplitC2f(nn.Module):
-    """C2f / C3k2 with ``cv1`` as two convs: ``[cv1_a(x), cv1_b(x)]`` equals ``cv1(x).chunk(2, 1)``."""
+class _SplitCv1(nn.Module):
+    """A block whose ``cv1`` output is split in two halves at run time, with ``cv1`` made two convs instead."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -93,6 +93,10 @@ class SplitC2f(nn.Module):
         self.m = block.m
         self.cv2 = block.cv2
         _copy_routing(block, self)
+
+
+class SplitC2f(_SplitCv1):
+    """C2f / C3k2 with ``cv1`` as two convs: ``[cv1_a(x), cv1_b(x)]`` equals ``cv1(x).chunk(2, 1)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = [self.cv1_a(x), self.cv1_b(x)]
@@ -100,16 +104,8 @@ class SplitC2f(nn.Module):
         return self.cv2(torch.cat(y, 1))
 
 
-class SplitC2PSA(nn.Module):
+class SplitC2PSA(_SplitCv1):
     """C2PSA with ``cv1`` as two convs: ``cv1_a(x), cv1_b(x)`` equal ``cv1(x).split((c, c), 1)``."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.c = block.c
-        self.cv1_a, self.cv1_b = split_output_channels(block.cv1, [block.c, block.c])
-        self.m = block.m
-        self.cv2 = block.cv2
-        _copy_routing(block, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv2(torch.cat((self.cv1_a(x), self.m(self.cv1_b(x))), 1))
