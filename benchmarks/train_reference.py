@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_revision, machine, now, write_section  # noqa: E402
 
 import gcp  # noqa: E402
-from gcp.data import VOCDataset, collate, make_digit_scenes  # noqa: E402
+from gcp.data import VOCDataset, make_digit_scenes  # noqa: E402
 from gcp.evaluate import evaluate  # noqa: E402
-from gcp.loss import YoloLoss  # noqa: E402
 from gcp.models import YOLOV4_ANCHORS, scale_anchors, yolov4  # noqa: E402
 from gcp.report import count_macs_params  # noqa: E402
 from gcp.train import fit, load_checkpoint  # noqa: E402
@@ -40,23 +39,23 @@ def build_student() -> torch.nn.Module:
     return yolov4(**ARCH, anchors=anchors)
 
 
-def seconds_per_step(model: torch.nn.Module, data: VOCDataset, steps: int = 10) -> float:
-    """Time ``steps`` SGD steps on a throwaway copy (after one warm-up step)."""
-    probe = copy.deepcopy(model).train()
-    loss_fn = YoloLoss(probe)
-    opt = torch.optim.SGD(probe.parameters(), lr=1e-4)
-    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True, collate_fn=collate)
-    batches = iter(loader)
-    timings = []
-    for _ in range(steps + 1):
-        images, targets = next(batches)
-        start = time.perf_counter()
-        loss = loss_fn(probe(images), targets)["total"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        timings.append(time.perf_counter() - start)
-    return sum(timings[1:]) / steps
+def seconds_per_step(model: torch.nn.Module, data: VOCDataset, args: argparse.Namespace, steps: int = 10) -> float:
+    """Seconds per training step (data loading included), from ``fit`` on a throwaway copy for ``steps`` steps."""
+    start = time.perf_counter()
+    fit(copy.deepcopy(model), data, epochs=1, max_steps_per_epoch=steps, **training_settings(args))
+    return (time.perf_counter() - start) / steps
+
+
+def training_settings(args: argparse.Namespace) -> dict:
+    return {
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "momentum": 0.9 if args.optimizer == "adamw" else 0.937,
+        "batch_size": BATCH,
+        "bf16": args.bf16,
+        "seed": args.seed,
+        "progress": False,
+    }
 
 
 def main() -> None:
@@ -66,6 +65,19 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--asset", default="gcp/assets/digits_teacher.pt")
+    parser.add_argument(
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default="adamw",
+        help="AdamW, as Ultralytics picks for runs under 10k steps; SGD is the paper's (for 200 epochs)",
+    )
+    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 autocast in the training forward (1.6x faster on this AMX CPU)",
+    )
     parser.add_argument(
         "--finalize",
         action="store_true",
@@ -97,9 +109,9 @@ def main() -> None:
             f" {done} are evaluated."
         )
     else:
-        per_step = seconds_per_step(model, train)
+        per_step = seconds_per_step(model, train, args)
         steps_per_epoch = (len(train) + BATCH - 1) // BATCH
-        epochs = max(1, int(args.minutes * 60 / (per_step * steps_per_epoch * 1.05)))
+        epochs = max(1, int(args.minutes * 60 / (per_step * steps_per_epoch * 1.1)))
         print(f"{per_step:.2f} s/step -> {epochs} epochs in {args.minutes} min", flush=True)
         train_start = time.perf_counter()
         history = fit(
@@ -107,13 +119,10 @@ def main() -> None:
             train,
             val,
             epochs=epochs,
-            lr=0.01,
-            batch_size=BATCH,
             ema=True,
             out_dir=args.out,
-            seed=args.seed,
             warmup_epochs=1.0,
-            progress=False,
+            **training_settings(args),
         )
         train_minutes = (time.perf_counter() - train_start) / 60
         stopped = ""
@@ -127,13 +136,16 @@ def main() -> None:
     )
     wall_minutes = (time.perf_counter() - wall) / 60
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}), flush=True)
+    optimizer_text = (
+        "AdamW (betas 0.9/0.999, wd 5e-4)" if args.optimizer == "adamw" else "SGD (nesterov, momentum 0.937, wd 5e-4)"
+    )
     body = f"""Command: `python benchmarks/train_reference.py --minutes {args.minutes:g}` — seed {args.seed}, {now()},
 commit {git_revision()}, {machine()}. {"Evaluation wall time " if args.finalize else "Total wall time "}{wall_minutes:.1f} min;
 training {train_minutes:.1f} min{" (launch of the stopped run to its last checkpoint)" if args.finalize else " (the rest is dataset generation, a 10-step speed probe and evaluation)"}.
 
 Model: `yolov4(num_classes=10, width=0.25, depth=0.33)`, anchors = YOLOv4's scaled by 256/416; {params / 1e6:.2f} M
 params, {macs / 1e9:.2f} GMACs at 256×256. Data: DigitScenes 3,000 train / 500 val / 500 test at 256 px (seed
-{args.seed}). Training: SGD (nesterov, momentum 0.937, wd 5e-4), lr 0.01, batch {BATCH}, 1 warm-up epoch then
+{args.seed}). Training: {optimizer_text}, lr {args.lr:g}, batch {BATCH}, {"bf16 autocast, " if args.bf16 else ""}1 warm-up epoch then
 cosine, EMA, {epochs} epochs (chosen from a measured {per_step:.2f} s/step so the run fits the time budget).{stopped}
 
 | split | mAP@0.5 | mAP@0.5:0.95 | target |

@@ -451,6 +451,7 @@ def _fit(
         device=device,
         progress=ctx.progress,
         max_steps_per_epoch=settings.max_steps_per_epoch,
+        bf16=settings.bf16,
     )
 
 

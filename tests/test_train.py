@@ -165,6 +165,21 @@ def test_training_reduces_the_loss(optimizer):
     assert history["train/total"][-1] < 0.7 * history["train/total"][0]
 
 
+def test_bf16_runs_the_forward_in_bfloat16_and_the_loss_and_weights_in_float32():
+    model = make_model()
+    seen = []
+    model.register_forward_hook(lambda _m, _i, output: seen.append(output[0].dtype))
+
+    def loss_in_float32(outputs, targets):
+        assert all(output.dtype == torch.float32 for output in outputs)
+        return toy_loss(outputs, targets)
+
+    history = quick_fit(model, epochs=4, bf16=True, loss_fn=loss_in_float32)
+    assert torch.bfloat16 in seen
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert history["train/total"][-1] < 0.7 * history["train/total"][0]
+
+
 def test_default_loss_is_yolo_loss():
     history = quick_fit(make_model(), epochs=1, loss_fn=None)
     assert {"train/box", "train/obj", "train/cls", "train/total"} <= history.keys()
