@@ -39,7 +39,9 @@ def build_student() -> torch.nn.Module:
     return yolov4(**ARCH, anchors=anchors)
 
 
-def seconds_per_step(model: torch.nn.Module, data: VOCDataset, args: argparse.Namespace, steps: int = 10) -> float:
+def seconds_per_step(
+    model: torch.nn.Module, data: VOCDataset, args: argparse.Namespace, steps: int = 10
+) -> float:
     """Seconds per training step (data loading included), from ``fit`` on a throwaway copy for ``steps`` steps."""
     start = time.perf_counter()
     fit(copy.deepcopy(model), data, epochs=1, max_steps_per_epoch=steps, **training_settings(args))
@@ -137,7 +139,9 @@ def main() -> None:
     wall_minutes = (time.perf_counter() - wall) / 60
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}), flush=True)
     optimizer_text = (
-        "AdamW (betas 0.9/0.999, wd 5e-4)" if args.optimizer == "adamw" else "SGD (nesterov, momentum 0.937, wd 5e-4)"
+        "AdamW (betas 0.9/0.999, wd 5e-4)"
+        if args.optimizer == "adamw"
+        else "SGD (nesterov, momentum 0.937, wd 5e-4)"
     )
     body = f"""Command: `python benchmarks/train_reference.py --minutes {args.minutes:g}` — seed {args.seed}, {now()},
 commit {git_revision()}, {machine()}. {"Evaluation wall time " if args.finalize else "Total wall time "}{wall_minutes:.1f} min;
