@@ -29,7 +29,7 @@ from grouping import (
 from grouping.allocate import warn_if_missed
 from grouping.trace import ForwardFn, Observation, Recorder, first_image_tensor, run_forward
 
-from .adapters import Adapter, failing_module, resolve_adapter, tracing_hint
+from .adapters import Adapter, failing_module, resolve_adapter, snapshot_submodules, tracing_hint
 from .graph import build_graph, crosses_channel_split
 from .importance import (
     CONV_IN_FNS,
@@ -453,7 +453,7 @@ def prune_detector(
     lets detectors we did not write be pruned from a plain image batch: it rewrites split blocks into
     equivalent prunable ones, traces only the trainable network (its ``forward_fn``, unless one is given) and
     keeps the layers the family needs whole. ``None`` uses the model as given. The rewrite happens before the
-    model is inspected and leaves its outputs unchanged, so a model that then fails a check still works.
+    model is inspected (it renames layers); when a later check refuses the model, the rewrite is undone.
     """
     _validate(ratio, method, allocator, budget, coupling, round_to, min_keep)
     if method == "thinet" and calib_data is None:
@@ -461,26 +461,30 @@ def prune_detector(
             "method='thinet' needs calib_data: a few image batches to measure reconstruction error"
         )
     family = resolve_adapter(model, adapter)
+    undo_rewrite = snapshot_submodules(model)
     if family is not None:  # output-identical rewrite, before the layers are inspected (their names change)
         family.prepare_model(model)
-    norms = prunable_norms(model)
-    if method in ("gcp", "slim"):
-        if not norms:
-            raise ValueError(
-                f"method={method!r} ranks channels by BatchNorm γ, but the model has no affine BatchNorm layer; "
-                "use method='l1' or method='thinet' instead"
-            )
-        bad = [n for n, m in norms.items() if not torch.isfinite(m.weight.detach()).all()]
-        if bad:
-            raise ValueError(f"non-finite BatchNorm γ in layers {bad[:5]}: the model's weights are corrupt")
-    ignored = _resolve_ignored(model, ignored_layers)
-    if family is not None:
-        ignored += _resolve_ignored(model, family.ignored(model))
-        forward_fn = forward_fn or family.forward_fn
-
     was_training = model.training
-    model.eval()  # analysis passes must not move BatchNorm running statistics
+    channels_removed = False  # until then, a refusal hands the model back as given: the rewrite is undone
     try:
+        norms = prunable_norms(model)
+        if method in ("gcp", "slim"):
+            if not norms:
+                raise ValueError(
+                    f"method={method!r} ranks channels by BatchNorm γ, but the model has no affine BatchNorm layer; "
+                    "use method='l1' or method='thinet' instead"
+                )
+            bad = [n for n, m in norms.items() if not torch.isfinite(m.weight.detach()).all()]
+            if bad:
+                raise ValueError(
+                    f"non-finite BatchNorm γ in layers {bad[:5]}: the model's weights are corrupt"
+                )
+        ignored = _resolve_ignored(model, ignored_layers)
+        if family is not None:
+            ignored += _resolve_ignored(model, family.ignored(model))
+            forward_fn = forward_fn or family.forward_fn
+
+        model.eval()  # analysis passes must not move BatchNorm running statistics
         outputs: list[Any] = []
 
         def traced_forward(mdl: nn.Module, inputs: Any) -> Any:
@@ -569,6 +573,7 @@ def prune_detector(
         means = (
             seen.input_means if calib_data is None else _input_means(model, consumers, batches, forward_fn)
         )
+        channels_removed = True
         _compensate(graph, units, masks, means)
         for unit, mask in zip(units, masks):
             idxs = torch.nonzero(mask).flatten().tolist()
@@ -589,6 +594,10 @@ def prune_detector(
             groups=part,
             thresholds=thresholds,
         )
+    except BaseException:
+        if not channels_removed:
+            undo_rewrite()
+        raise
     finally:
         model.train(was_training)
     return PruneResult(

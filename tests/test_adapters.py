@@ -259,6 +259,16 @@ def test_ultralytics_split_rewrite_is_exact_and_makes_split_channels_prunable(
     assert_round_trip(result, copy.deepcopy(yolo_models[cfg]), YOLO_INPUT, tmp_path)
 
 
+def test_a_refused_ultralytics_model_is_handed_back_without_its_rewrite(yolo_models):
+    model = copy.deepcopy(yolo_models["yolov8n.yaml"])
+    modules_before = dict(model.named_modules())
+    with pytest.raises(ValueError, match="example_inputs do not run the model"):
+        quiet_prune(model, torch.rand(1, 4, 64, 64), ratio=0.3, method="gcp")  # 4 channels: not an image
+    assert dict(model.named_modules()).keys() == modules_before.keys()
+    assert all(module is modules_before[name] for name, module in model.named_modules())
+    assert not model.training
+
+
 def test_ultralytics_pruned_model_equals_the_original_when_the_removed_channels_are_dead(yolo_models):
     model = copy.deepcopy(yolo_models["yolo11n.yaml"])
     get_adapter("ultralytics").prepare_model(model)

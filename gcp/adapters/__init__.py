@@ -266,6 +266,22 @@ def rewrite_modules(
     return len(replacements)
 
 
+def snapshot_submodules(model: nn.Module) -> Callable[[], None]:
+    """Remember which submodule every module of ``model`` holds; the returned callable puts them all back.
+
+    Undoes a :func:`rewrite_modules` (which only swaps submodules and never edits the ones it replaces), so
+    that a model whose pruning is refused after its rewrite is handed back exactly as the user gave it.
+    """
+    children = {module: dict(module._modules) for module in model.modules()}
+
+    def restore() -> None:
+        for module, saved in children.items():
+            module._modules.clear()
+            module._modules.update(saved)
+
+    return restore
+
+
 def image_list(images: Any) -> list[torch.Tensor]:
     """A batch tensor (B, 3, H, W) as the list of (3, H, W) images torchvision-style forwards take."""
     if isinstance(images, torch.Tensor):
