@@ -72,11 +72,19 @@ def _batch_of(inputs: tuple[torch.Tensor, ...], size: int) -> tuple[torch.Tensor
     return tuple(t.repeat_interleave(math.ceil(size / t.shape[0]), dim=0)[:size] for t in inputs)
 
 
-def _ort_session(model_bytes_or_path: bytes | str | os.PathLike, threads: int | None = None) -> Any:
+def _ort_session(
+    model_bytes_or_path: bytes | str | os.PathLike, threads: int | None = None, *, spinning: bool = True
+) -> Any:
+    """An ONNX Runtime CPU session. ``spinning=False`` makes its worker threads sleep between runs instead of
+    busy-waiting: needed when several sessions take turns on the same cores, where the idle sessions' spinning
+    threads would otherwise steal the running one's CPU (measured on 2 cores: four demo models timed
+    round-robin took 53-76 ms each with spinning, 30-39 ms without, 24-33 ms each timed alone)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1 (or None for ONNX Runtime's default), got {threads}")
@@ -275,12 +283,12 @@ def _check_timing_args(input_shape: Sequence[int], runs: int, warmup: int) -> tu
 
 
 def _onnxruntime_runner(
-    onnx_path: str | os.PathLike, input_shape: tuple[int, ...], threads: int | None
+    onnx_path: str | os.PathLike, input_shape: tuple[int, ...], threads: int | None, *, spinning: bool = True
 ) -> tuple[Runner, str]:
     """A zero-argument callable that runs one ONNX Runtime inference on a fixed random input."""
     if not Path(onnx_path).is_file():
         raise FileNotFoundError(f"no ONNX file at {onnx_path}")
-    session = _ort_session(onnx_path, threads)
+    session = _ort_session(onnx_path, threads, spinning=spinning)
     model_inputs = session.get_inputs()
     if len(model_inputs) != 1:
         raise ValueError(f"latency timing feeds one image tensor; {onnx_path} has {len(model_inputs)} inputs")
@@ -401,7 +409,8 @@ def compare_latency(
     """Export every model to ``out_dir/<name>.onnx`` and time them together (the paper's Table 8 comparison).
 
     All models are timed in this one process and run, interleaved round-robin (base, pruned, base, pruned, ...),
-    so a change in machine load during the measurement affects every model alike. Rows hold ``name``,
+    so a change in machine load during the measurement affects every model alike; with more than one model,
+    ONNX Runtime's threads do not spin between runs (see ``_ort_session``), so no model is slowed by another's. Rows hold ``name``,
     ``params``, ``gmacs`` (per image), ``size_mb`` (fp32 parameters, the paper's model size), ``onnx_mb``,
     ``onnx_max_abs_diff``, ``median_ms``, ``p10_ms``, ``p90_ms`` and, with ``tensorrt=True``, the same three
     figures prefixed ``trt_`` (needs TensorRT and a CUDA GPU; the error says which is missing).
@@ -436,7 +445,9 @@ def compare_latency(
                 "onnx_max_abs_diff": diff,
             }
         )
-        cpu_runners[name], providers[name] = _onnxruntime_runner(onnx_path, shape, threads)
+        cpu_runners[name], providers[name] = _onnxruntime_runner(
+            onnx_path, shape, threads, spinning=len(models) == 1
+        )
         if tensorrt:
             engine_path = build_tensorrt_engine(onnx_path, out_dir / f"{name}.engine", max_batch=shape[0])
             gpu_runners[name], _ = _tensorrt_runner(engine_path, shape)

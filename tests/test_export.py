@@ -153,6 +153,25 @@ def test_compare_latency_exports_and_times_base_and_pruned(base, pruned, tmp_pat
         assert not any(key.startswith("trt_") for key in row)
 
 
+def test_models_timed_in_turns_have_onnxruntime_threads_that_sleep_between_runs(
+    base, pruned, tmp_path, monkeypatch
+):
+    """Spinning worker threads of the idle sessions would steal the running one's cores (up to 2x slower)."""
+    timing_sessions = []
+    make_session = gcp.export._ort_session
+
+    def recording_session(source, threads=None, **kwargs):
+        session = make_session(source, threads, **kwargs)
+        if not isinstance(source, bytes):  # the export parity check loads bytes; timing loads files
+            timing_sessions.append(session.get_session_options())
+        return session
+
+    monkeypatch.setattr(gcp.export, "_ort_session", recording_session)
+    compare_latency({"base": base, "pruned": pruned}, (1, 3, 64, 64), tmp_path, runs=1, warmup=0)
+    assert len(timing_sessions) == 2
+    assert all(o.get_session_config_entry("session.intra_op.allow_spinning") == "0" for o in timing_sessions)
+
+
 def test_compare_latency_rejects_bad_requests_before_exporting(base, tmp_path):
     with pytest.raises(ValueError, match="at least one model"):
         compare_latency({}, (1, 3, 64, 64), tmp_path)
