@@ -158,7 +158,7 @@ CPU-scale reference section — weak, so every absolute number here is low); sta
 
 **Fig. 10** — mAP@0.5 after GSA distillation vs ratio, marker size = model size: `{plot}`.
 
-Where these disagree with the paper, that is what we measured: the stages here last one or two epochs on a few
+Where these disagree with the paper, that is what we measured: the stages here last two or three epochs on a few
 hundred images, from a teacher trained for 40 minutes on 2 CPU cores."""
     write_section("DigitScenes: Tables 9, 10, 3–5, 8 and Fig. 10 at CPU scale", body)
 
