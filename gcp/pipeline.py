@@ -870,7 +870,8 @@ def run_demo(ctx: Context, teacher: Path | None = None) -> dict[str, Any]:
             distill_stage(ctx, method)
         eval_stage(ctx)
         latency_stage(ctx)
-        for kind in ("gammas", "sparsity", "tradeoff"):
+        # With no pruning method (a sparse-training-only run, e.g. for the paper's Table 9) there is no trade-off.
+        for kind in ("gammas", "sparsity", "tradeoff") if ctx.config.demo.methods else ("gammas", "sparsity"):
             plot_stage(ctx, kind)
     return read_report(ctx.run)
 

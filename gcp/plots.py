@@ -180,7 +180,9 @@ def _edges(centres: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * centres[0] - middles[0]], middles, [2 * centres[-1] - middles[-1]]])
 
 
-def _overall_sparse_fraction(groups: Mapping[str, Mapping[str, float]]) -> float:
+def overall_sparse_fraction(groups: Mapping[str, Mapping[str, float]]) -> float:
+    """Share of all BatchNorm channels with |γ| below the sparsity line, from per-group statistics
+    (``DynamicSparsity`` history entries: ``sparse_fraction`` and ``channels`` per group)."""
     channels = sum(stats["channels"] for stats in groups.values())
     return sum(stats["sparse_fraction"] * stats["channels"] for stats in groups.values()) / max(channels, 1)
 
@@ -199,7 +201,7 @@ def _draw_sparse_fraction(
     epochs = [entry["epoch"] for entry in entries]
     ax.plot(
         epochs,
-        [_overall_sparse_fraction(entry["groups"]) for entry in entries],
+        [overall_sparse_fraction(entry["groups"]) for entry in entries],
         color="black",
         linewidth=2.2,
         label="all channels",

@@ -257,6 +257,18 @@ def test_demo_runs_the_whole_method_and_prints_one_table(
         assert (demo_dir / "plots" / f"{kind}.png").is_file() and f"{kind}:" in out
 
 
+def test_demo_without_methods_sparse_trains_and_plots_without_a_tradeoff(
+    run: Path, tiny_config: Path, tmp_path: Path, capsys
+) -> None:
+    """How benchmarks/bench_digits.py gets the constant-schedule column of the paper's Table 9."""
+    demo_dir = tmp_path / "demo"
+    args = ("demo", "--teacher", str(run / "trained.pt"), "--set", "demo.methods=[]")
+    assert gcp(tiny_config, demo_dir, *args, "--set", "sparsity.schedule=constant") == 0
+    assert set(report_rows(demo_dir)) == {"trained", "sparse"}
+    assert (demo_dir / "plots" / "sparsity.png").is_file()
+    assert not (demo_dir / "plots" / "tradeoff.png").exists()
+
+
 def test_demo_without_teacher_says_how_to_make_one(tiny_config: Path, tmp_path: Path, capsys) -> None:
     missing = tmp_path / "teacher.pt"
     assert gcp(tiny_config, tmp_path / "demo", "demo", "--teacher", str(missing)) == 2
