@@ -86,7 +86,7 @@ def what_we_found(
         )
         verdict = "as in the paper" if best == "gcp" else "unlike the paper, where gcp is best"
         lines.append(f"- At {ratio:.0%} the best recovered model is {best}'s ({verdict}).")
-        fewest = min(("gcp", "slim", "thinet"), key=lambda m: rows[f"distilled_{m}"]["macs"])
+        fewest = min(METHODS, key=lambda m: rows[f"distilled_{m}"]["macs"])
         lines.append(
             f"  At this channel ratio the methods leave different MACs (least: {fewest}), so equal channel"
             " budgets are not equal compute budgets."
