@@ -26,6 +26,7 @@ import gcp  # noqa: E402
 from gcp.data import VOCDataset, make_digit_scenes  # noqa: E402
 from gcp.evaluate import evaluate  # noqa: E402
 from gcp.models import YOLOV4_ANCHORS, scale_anchors, yolov4  # noqa: E402
+from gcp.pipeline import SHIPPED_TEACHER  # noqa: E402
 from gcp.report import count_macs_params  # noqa: E402
 from gcp.train import fit, load_checkpoint  # noqa: E402
 
@@ -143,6 +144,13 @@ def main() -> None:
         if args.optimizer == "adamw"
         else "SGD (nesterov, momentum 0.937, wd 5e-4)"
     )
+    shipped = asset.resolve() == SHIPPED_TEACHER.resolve()
+    usage = (
+        f"The weights are shipped as `{asset}` (fp16) and are the teacher of `gcp demo`."
+        if shipped
+        else f"The weights were written to `{asset}` (fp16); they are not the shipped teacher of `gcp demo`."
+    )
+    title_suffix = "" if shipped else f", weights in {asset}"
     body = f"""Command: `python benchmarks/train_reference.py --minutes {args.minutes:g}` — seed {args.seed}, {now()},
 commit {git_revision()}, {machine()}. {"Evaluation wall time " if args.finalize else "Total wall time "}{wall_minutes:.1f} min;
 training {train_minutes:.1f} min{" (launch of the stopped run to its last checkpoint)" if args.finalize else " (the rest is dataset generation, a 10-step speed probe and evaluation)"}.
@@ -158,8 +166,8 @@ cosine, EMA, {epochs} epochs (chosen from a measured {per_step:.2f} s/step so th
 
 Target {"met" if metrics["map50"] >= 0.6 and wall_minutes <= 45 else "NOT met"}. Last training loss terms:
 { {k: round(v[-1], 3) for k, v in history.items() if k.startswith("train/") and v and v[-1] is not None} }.
-The weights are shipped as `{asset}` (fp16) and are the teacher of `gcp demo`."""
-    write_section("CPU-scale reference: reduced YOLOv4 on DigitScenes (issue 3 §6)", body)
+{usage}"""
+    write_section(f"CPU-scale reference: reduced YOLOv4 on DigitScenes (issue 3 §6){title_suffix}", body)
 
 
 if __name__ == "__main__":
