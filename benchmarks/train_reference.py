@@ -151,7 +151,8 @@ def main() -> None:
         else f"The weights were written to `{asset}` (fp16); they are not the shipped teacher of `gcp demo`."
     )
     title_suffix = "" if shipped else f", weights in {asset}"
-    body = f"""Command: `python benchmarks/train_reference.py --minutes {args.minutes:g}` — seed {args.seed}, {now()},
+    elsewhere = "" if shipped else f" --out {args.out} --asset {asset}"
+    body = f"""Command: `python benchmarks/train_reference.py --minutes {args.minutes:g}{elsewhere}` — seed {args.seed}, {now()},
 commit {git_revision()}, {machine()}. {"Evaluation wall time " if args.finalize else "Total wall time "}{wall_minutes:.1f} min;
 training {train_minutes:.1f} min{" (launch of the stopped run to its last checkpoint)" if args.finalize else " (the rest is dataset generation, a 10-step speed probe and evaluation)"}.
 
