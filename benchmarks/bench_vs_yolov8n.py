@@ -105,7 +105,7 @@ test detections scored with `gcp.evaluate.compute_map` (conf 0.001, NMS IoU 0.6)
 | model | params (M) | GMACs @256 | mAP@0.5 | mAP@0.5:0.95 |
 |---|---|---|---|---|
 | YOLOv8n (Ultralytics trainer, {minutes:.0f} min) | {yolov8n["params"] / 1e6:.2f} | {yolov8n["macs"] / 1e9:.2f} | {map50:.3f} | {yolov8n["map"]:.3f} |
-| ours: `yolov4(width=0.25, depth=0.33)` (`{args.teacher}`, see the section above) | {ours_params / 1e6:.2f} | {ours_macs / 1e9:.2f} | {ours_metrics["map50"]:.3f} | {ours_metrics["map"]:.3f} |
+| ours: `yolov4(width=0.25, depth=0.33)` (`{args.teacher}`, see its reference section) | {ours_params / 1e6:.2f} | {ours_macs / 1e9:.2f} | {ours_metrics["map50"]:.3f} | {ours_metrics["map"]:.3f} |
 
 Our row's training ran on the machine its own section names; where that differs from this one, "equal wall
 time" is only roughly equal compute. At equal wall time ours is {"at least as good as" if ours_metrics["map50"] >= map50 else "WORSE than"} YOLOv8n on mAP@0.5 (issue 3 §6 asks for at least as good)."""
