@@ -79,10 +79,10 @@ def main() -> None:
         help=f"skip YOLOv8n: take its numbers from the last run's {RESULT_FILE} and only re-score --teacher",
     )
     args = parser.parse_args()
-    voc = make_digit_scenes(args.root, n_train=3000, n_val=500, n_test=500, size=SIZE, seed=args.seed)
-    test = VOCDataset(voc, "test", size=SIZE)
     if args.reuse and not RESULT_FILE.is_file():
         parser.error(f"--reuse needs {RESULT_FILE} from an earlier run without --reuse")
+    voc = make_digit_scenes(args.root, n_train=3000, n_val=500, n_test=500, size=SIZE, seed=args.seed)
+    test = VOCDataset(voc, "test", size=SIZE)
     if args.reuse:
         yolov8n = json.loads(RESULT_FILE.read_text(encoding="utf-8"))
     else:
