@@ -92,6 +92,7 @@ class COCODataset(DetectionDataset):
         *,
         size: int = 416,
         augment: bool = False,
+        horizontal_flip: bool = True,
         strict: bool = True,
     ) -> None:
         image_dir, annotation_json = Path(image_dir), Path(annotation_json)
@@ -117,4 +118,11 @@ class COCODataset(DetectionDataset):
         records = parse_items(images.values(), parse, strict=strict, skipped=skipped)
         dataset_name = f"COCODataset({annotation_json.name})"
         skipped.warn(dataset_name)
-        super().__init__(records, class_names, size=size, augment=augment, dataset_name=dataset_name)
+        super().__init__(
+            records,
+            class_names,
+            size=size,
+            augment=augment,
+            horizontal_flip=horizontal_flip,
+            dataset_name=dataset_name,
+        )

@@ -159,6 +159,7 @@ class DetectionDataset(Dataset):
         size: int,
         augment: bool,
         dataset_name: str,
+        horizontal_flip: bool = True,
     ) -> None:
         if size <= 0 or size % 32:
             raise DatasetError(f"{dataset_name}: size must be a positive multiple of 32, got {size}")
@@ -167,7 +168,7 @@ class DetectionDataset(Dataset):
         self.records = checked_records(records, dataset_name)
         self.class_names = tuple(class_names)
         self.size = size
-        self._augmentation = training_augmentation() if augment else None
+        self._augmentation = training_augmentation(horizontal_flip=horizontal_flip) if augment else None
         self._finalize = finalize_boxes()
 
     @property

@@ -37,8 +37,12 @@ def letterbox(
     return F.pad(image, padding, fill=fill), F.pad(boxes, padding)
 
 
-def training_augmentation() -> v2.Compose:
+def training_augmentation(*, horizontal_flip: bool = True) -> v2.Compose:
     """Random zoom/shift, horizontal flip and colour jitter for float images, all box-aware through v2.
+
+    ``horizontal_flip=False`` is for classes whose mirror image is not a member of the class: a mirrored
+    digit or letter is not a digit or letter, so flipping DigitScenes teaches the classifier shapes the test
+    split never shows (VOC's objects, the paper's data, are mirror-symmetric as classes and keep the flip).
 
     ``RandomAffine`` without rotation or shear keeps axis-aligned boxes exact while it zooms in and out
     (scale 0.5-1.5) and shifts by up to 10 %; the uncovered area is filled with the letterbox grey. Hue
@@ -53,7 +57,7 @@ def training_augmentation() -> v2.Compose:
                 interpolation=v2.InterpolationMode.BILINEAR,
                 fill={tv_tensors.Image: PAD_VALUE_UINT8 / 255.0, "others": 0},
             ),
-            v2.RandomHorizontalFlip(p=0.5),
+            *([v2.RandomHorizontalFlip(p=0.5)] if horizontal_flip else []),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.5),
         ]
     )

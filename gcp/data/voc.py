@@ -117,6 +117,7 @@ class VOCDataset(DetectionDataset):
         *,
         size: int = 416,
         augment: bool = False,
+        horizontal_flip: bool = True,
         class_names: Sequence[str] | None = None,
         strict: bool = True,
     ) -> None:
@@ -143,4 +144,11 @@ class VOCDataset(DetectionDataset):
             )
             for image_path, (width, height), objects in parsed
         ]
-        super().__init__(records, names, size=size, augment=augment, dataset_name=dataset_name)
+        super().__init__(
+            records,
+            names,
+            size=size,
+            augment=augment,
+            horizontal_flip=horizontal_flip,
+            dataset_name=dataset_name,
+        )

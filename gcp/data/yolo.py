@@ -70,6 +70,7 @@ class YOLODataset(DetectionDataset):
         *,
         size: int = 416,
         augment: bool = False,
+        horizontal_flip: bool = True,
         class_names: Sequence[str],
         strict: bool = True,
     ) -> None:
@@ -93,4 +94,11 @@ class YOLODataset(DetectionDataset):
         records = parse_items(image_paths, parse, strict=strict, skipped=skipped)
         dataset_name = f"YOLODataset({root}, {split!r})"
         skipped.warn(dataset_name)
-        super().__init__(records, names, size=size, augment=augment, dataset_name=dataset_name)
+        super().__init__(
+            records,
+            names,
+            size=size,
+            augment=augment,
+            horizontal_flip=horizontal_flip,
+            dataset_name=dataset_name,
+        )
