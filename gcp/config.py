@@ -86,6 +86,8 @@ class DataConfig:
     ``digits`` and ``yolo`` a spec is ``[subfolder/]split`` under ``root`` (``VOC2007/trainval`` reads
     ``root/VOC2007/ImageSets/Main/trainval.txt``); for ``coco`` it names ``root/<spec>/`` images with
     ``root/annotations/instances_<spec>.json``. ``digits`` generates DigitScenes into ``root`` first.
+    ``horizontal_flip`` mirrors half the training images; null means on, except for ``digits``, whose mirrored
+    digits are not digits of their class.
     """
 
     format: str = option("digits", choices=DATA_FORMATS)
@@ -97,6 +99,7 @@ class DataConfig:
     class_names: list[str] | None = None
     num_workers: int = option(0, minimum=0)
     strict: bool = True
+    horizontal_flip: bool | None = None
     digits: DigitsConfig = option(factory=DigitsConfig)
 
 

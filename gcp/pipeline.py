@@ -315,7 +315,8 @@ def _read_spec(config: ExperimentConfig, spec: str, augment: bool) -> Dataset:
     data = config.data
     root = Path(data.root)
     folder, _, split = spec.rpartition("/")
-    common = {"size": data.size, "augment": augment, "strict": data.strict}
+    flip = data.format != "digits" if data.horizontal_flip is None else data.horizontal_flip
+    common = {"size": data.size, "augment": augment, "horizontal_flip": flip, "strict": data.strict}
     if data.format in ("digits", "voc"):
         return VOCDataset(root / folder, split, class_names=data.class_names, **common)
     if data.format == "yolo":

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
+from gcp.config import build_config
 from gcp.data import (
     VOC_CLASSES,
     COCODataset,
@@ -24,6 +25,7 @@ from gcp.data import (
     make_digit_scenes,
 )
 from gcp.data.digits import CLASS_NAMES, PARAMS_FILE, glyph_pools, load_glyphs, render_glyph
+from gcp.pipeline import Context, RunDir
 
 WHITE = (255, 255, 255)
 
@@ -162,6 +164,53 @@ def test_augmentation_keeps_boxes_on_the_objects(tmp_path):
         torch.testing.assert_close(target["boxes"][0], extent, atol=1.5, rtol=0)
         boxes_seen.add(tuple(target["boxes"][0].round().tolist()))
     assert len(boxes_seen) > 10  # the augmentation really moves and scales the object
+
+
+def left_lit_object(root):
+    """A VOC set of one 'box' whose left half is white and right half black: its mirror image differs."""
+    write_voc(root, {"a": (120, 120, [("box", (30, 30, 90, 90), False)])})
+    save_image(root / "JPEGImages" / "a.jpg", 120, 120, [(30, 30, 60, 90)])
+    (root / "labels.txt").write_text("box\n")
+    return root
+
+
+def times_mirrored(dataset, draws=30):
+    """How many of ``draws`` augmented copies show the object's white half on the right of its box."""
+    mirrored = 0
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        image, target = dataset[0]
+        if target["boxes"].shape[0] == 0:
+            continue
+        x1, y1, x2, y2 = target["boxes"][0].round().int().tolist()
+        middle = (x1 + x2) // 2
+        inside = image[:, y1:y2].mean(dim=(0, 1))
+        mirrored += bool(inside[middle:x2].mean() > inside[x1:middle].mean())
+    return mirrored
+
+
+def test_horizontal_flip_can_be_turned_off_for_classes_that_mirroring_changes(tmp_path):
+    root = left_lit_object(tmp_path)
+    assert times_mirrored(VOCDataset(root, "train", size=96, augment=True)) >= 5
+    assert times_mirrored(VOCDataset(root, "train", size=96, augment=True, horizontal_flip=False)) == 0
+
+
+@pytest.mark.parametrize(
+    ("data_format", "setting", "flips"),
+    [("voc", None, True), ("digits", None, False), ("digits", True, True), ("voc", False, False)],
+)
+def test_experiments_flip_training_images_unless_digits_or_told_otherwise(
+    tmp_path, data_format, setting, flips
+):
+    root = left_lit_object(tmp_path / "data")
+    config = build_config(
+        {
+            "data": {"format": data_format, "root": str(root), "size": 96, "horizontal_flip": setting},
+            "model": {"num_classes": 1},
+        }
+    )
+    train = Context(config, RunDir(tmp_path / "run")).dataset("train", augment=True)
+    assert (times_mirrored(train) > 0) == flips
 
 
 def test_collate_stacks_images_and_keeps_target_list(tmp_path):
