@@ -17,6 +17,7 @@ entry per rank).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import itertools
@@ -202,7 +203,6 @@ class _Distributed:
 
     rank: int = 0
     world_size: int = 1
-    owns_process_group: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -216,7 +216,11 @@ class _Distributed:
 def _setup_distributed(device: torch.device) -> tuple[_Distributed, torch.device]:
     """Join the process group torchrun describes (WORLD_SIZE > 1), or use one that is already initialised.
 
-    Each CUDA process drives the GPU named by LOCAL_RANK; CPU processes talk through gloo.
+    Each CUDA process drives the GPU named by LOCAL_RANK; CPU processes talk through gloo. A group this
+    creates stays open for the later ``fit`` calls of the process (sparse training, then fine-tuning, then
+    distillation) and is destroyed at exit: re-initialising after a destroy reuses torchrun's rendezvous store,
+    where a rank can read its peer's address from the closed group and fail with "Connection refused"
+    (seen in about a third of launches on this machine).
     """
     requested_world = int(os.environ.get("WORLD_SIZE", "1"))
     already_initialised = dist.is_available() and dist.is_initialized()
@@ -226,12 +230,17 @@ def _setup_distributed(device: torch.device) -> tuple[_Distributed, torch.device
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if already_initialised:
-        return _Distributed(dist.get_rank(), dist.get_world_size(), owns_process_group=False), device
-    if not dist.is_available():
-        raise RuntimeError(f"WORLD_SIZE={requested_world} but this torch build has no torch.distributed")
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Distributed(dist.get_rank(), dist.get_world_size(), owns_process_group=True), device
+    if not already_initialised:
+        if not dist.is_available():
+            raise RuntimeError(f"WORLD_SIZE={requested_world} but this torch build has no torch.distributed")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_destroy_process_group_if_open)
+    return _Distributed(dist.get_rank(), dist.get_world_size()), device
+
+
+def _destroy_process_group_if_open() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _derived_seed(*keys: int) -> int:
@@ -819,22 +828,18 @@ def fit(
         bf16=bf16,
     )
     distributed, device = _setup_distributed(torch.device(device))
-    try:
-        trainer = _Trainer(
-            model,
-            train_data,
-            val_data,
-            config=config,
-            distributed=distributed,
-            device=device,
-            hooks=hooks,
-            loss_fn=loss_fn,
-            eval_fn=eval_fn,
-        )
-        if resume:
-            trainer.resume_from(Path(out_dir) / "last.pt")
-        with trainer.wrapped_for_distributed():
-            return trainer.run()
-    finally:
-        if distributed.owns_process_group:
-            dist.destroy_process_group()
+    trainer = _Trainer(
+        model,
+        train_data,
+        val_data,
+        config=config,
+        distributed=distributed,
+        device=device,
+        hooks=hooks,
+        loss_fn=loss_fn,
+        eval_fn=eval_fn,
+    )
+    if resume:
+        trainer.resume_from(Path(out_dir) / "last.pt")
+    with trainer.wrapped_for_distributed():
+        return trainer.run()
