@@ -204,7 +204,8 @@ def main() -> None:
 {args.seed}, {now()}, commit {git_revision()}, {machine()}. Wall time of each demo run in minutes{kept}:
 {per_run} (`ratio25` is `gcp demo` as shipped). Teacher:
 `gcp/assets/digits_teacher.pt` (test mAP@0.5 {teacher_map50:.3f} as shipped on the 500-image test split; see the
-CPU-scale reference section — weak, so every absolute number here is low); stages and data sizes from `gcp/configs/demo.yaml`; mAP@0.5 on the DigitScenes test split.
+CPU-scale reference section; the demo's stages last two or three epochs, so the pruned models stay far
+below it); stages and data sizes from `gcp/configs/demo.yaml`; mAP@0.5 on the DigitScenes test split.
 
 **Table 9 — constant vs dynamic sparse training (equal epochs)**
 
