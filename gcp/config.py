@@ -154,7 +154,7 @@ class PruneConfig:
     partition, §4.2.1) or a YAML file of group name → glob patterns; ``allocator: explicit`` takes one ratio
     per group from ``group_ratios`` (the paper's Table 1 rows) instead of ``ratio``; ``source`` picks the sparse-trained or
     the plain trained model; ``calib_images`` real training images feed ThiNet's reconstruction error and the
-    offset compensation of every method."""
+    offset compensation of every method; ``max_group_ratio`` caps any one group's share (gcp)."""
 
     method: str = option("gcp", choices=PRUNE_METHODS)
     ratio: float = option(0.38, minimum=0.0, maximum=1.0, exclusive_minimum=True)
@@ -163,6 +163,7 @@ class PruneConfig:
     groups: str = "auto"
     group_ratios: dict[str, float] | None = None
     coupling: str = option("vote", choices=COUPLINGS)
+    max_group_ratio: float = option(1.0, minimum=0.0, maximum=1.0, exclusive_minimum=True)
     round_to: int | None = option(None, minimum=1)
     source: str = option("sparse", choices=PRUNE_SOURCES)
     calib_images: int = option(32, minimum=1)

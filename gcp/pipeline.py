@@ -550,6 +550,7 @@ def prune_stage(ctx: Context, method: str | None = None) -> Path:
             allocator=settings.allocator,
             budget=settings.budget,
             coupling=settings.coupling,
+            max_group_ratio=settings.max_group_ratio,
             round_to=settings.round_to,
             calib_data=calibration_batches(ctx, settings.calib_images),
             seed=ctx.config.seed,

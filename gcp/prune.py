@@ -433,6 +433,7 @@ def prune_detector(
     ignored_layers: Iterable[nn.Module | str] | None = None,
     round_to: int | None = None,
     min_keep: int = 1,
+    max_group_ratio: float = 1.0,
     forward_fn: ForwardFn | None = None,
     output_transform: Callable[[Any], Any] | None = None,
     calib_data: Any = None,
@@ -449,6 +450,9 @@ def prune_detector(
     feed an output) keep their outputs; ``ignored_layers`` adds more. Removed channels' mean activations are
     folded into their consumers. Bad input raises before the model is touched.
 
+    ``max_group_ratio`` (gcp only) caps the share of one group's γ that its threshold may remove, see
+    :func:`grouping.allocate`.
+
     ``adapter`` (default ``"auto"``: the registered family that recognises the model, see :mod:`gcp.adapters`)
     lets detectors we did not write be pruned from a plain image batch: it rewrites split blocks into
     equivalent prunable ones, traces only the trainable network (its ``forward_fn``, unless one is given) and
@@ -456,6 +460,8 @@ def prune_detector(
     model is inspected (it renames layers); when a later check refuses the model, the rewrite is undone.
     """
     _validate(ratio, method, allocator, budget, coupling, round_to, min_keep)
+    if not 0.0 < max_group_ratio <= 1.0:
+        raise ValueError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
     if method == "thinet" and calib_data is None:
         raise ValueError(
             "method='thinet' needs calib_data: a few image batches to measure reconstruction error"
@@ -549,6 +555,7 @@ def prune_detector(
                 ratio,
                 "paper" if method == "slim" else allocator,
                 budget=lambda t: measure(decider.by_thresholds(by_group(t), coupling)),
+                max_group_ratio=1.0 if method == "slim" else max_group_ratio,
             )
             thresholds = allocation.thresholds
             masks = decider.by_thresholds(by_group(thresholds), coupling)

@@ -156,13 +156,21 @@ def allocate(
     ratio: float | Mapping[str, float],
     strategy: str = "valley",
     budget: Budget | None = None,
+    max_group_ratio: float = 1.0,
 ) -> Allocation:
     """Per-group |γ| thresholds for a total pruning proportion ``ratio`` (§4.2.2).
 
     ``importances`` maps BN layer name → |γ| (or any per-channel score); ``ratio`` is a float for ``paper`` and
     ``valley`` and a mapping group name → ratio for ``explicit``. ``budget(thresholds) -> fraction`` measures
     what a set of thresholds removes; by default the fraction of γ entries below threshold.
+
+    ``max_group_ratio`` caps the share of any one group's γ below its threshold (``paper``/``valley``). Valley
+    thresholds assume the bimodal |γ| that sparse training makes; when a group's γ are all nearly equal (too
+    little sparse training), the shared scale can put the whole group under its threshold and empty a
+    backbone stage, which no fine-tuning recovers. The other groups then make up the total.
     """
+    if not 0.0 < max_group_ratio <= 1.0:
+        raise ValueError(f"max_group_ratio must be in (0, 1], got {max_group_ratio}")
     values = group_values(groups, importances)
     measure = budget or entry_count_budget(values)
     names = [g.name for g in groups]
@@ -192,10 +200,14 @@ def allocate(
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
 
+    caps = {
+        n: quantile_threshold(values[n], max_group_ratio) if max_group_ratio < 1.0 else math.inf
+        for n in names
+    }
     if strategy == "paper":
 
         def thresholds_at(level: float) -> dict[str, float]:
-            return {n: quantile_threshold(values[n], level) for n in names}
+            return {n: min(quantile_threshold(values[n], level), caps[n]) for n in names}
 
         level = bisect(lambda q: measure(thresholds_at(q)), ratio, 0.0, 1.0)
         thresholds = thresholds_at(level)
@@ -206,7 +218,7 @@ def allocate(
         )
 
         def thresholds_at(scale: float) -> dict[str, float]:
-            return {n: scale * valleys[n] for n in names}
+            return {n: min(scale * valleys[n], caps[n]) for n in names}
 
         scale = bisect(lambda s: measure(thresholds_at(s)), ratio, 0.0, top * 1.01 + 1e-9)
         thresholds = thresholds_at(scale)

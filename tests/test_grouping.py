@@ -116,6 +116,21 @@ def test_valley_allocation_meets_budget_and_prunes_redundant_group_more():
     assert alloc.ratios["g0"] > 0.8 and alloc.ratios["g1"] < 0.2
 
 
+def test_max_group_ratio_keeps_an_unsparsified_group_from_being_emptied():
+    # without sparse training every γ is close to 1: the tight group 0 falls under its threshold all at once
+    generator = torch.Generator().manual_seed(0)
+    tight = 1.0 + 0.001 * torch.randn(400, generator=generator)
+    spread = 1.0 + 0.3 * torch.randn(400, generator=generator)
+    groups, imps = _groups_with([tight, spread])
+    uncapped = allocate(groups, imps, 0.5, "valley")
+    capped = allocate(groups, imps, 0.5, "valley", max_group_ratio=0.6)
+    assert uncapped.ratios["g0"] > 0.9
+    assert capped.ratios["g0"] == pytest.approx(0.6, abs=1e-6)
+    assert abs(capped.achieved - 0.5) <= 0.005  # the other group makes up the total
+    with pytest.raises(ValueError, match="max_group_ratio"):
+        allocate(groups, imps, 0.5, "valley", max_group_ratio=0.0)
+
+
 def test_allocation_rejects_bad_ratio():
     groups, imps = _groups_with([torch.rand(10)])
     for bad in (0.0, 1.0, -0.2, 1.5):

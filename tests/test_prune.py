@@ -261,6 +261,7 @@ BAD_INPUTS = [
     (dict(ratio={"bogus": 0.1}, allocator="explicit"), r"unknown groups \['bogus'\]; valid groups"),
     (dict(ratio=0.3, method="thinet"), "needs calib_data"),
     (dict(ratio=0.3, round_to=64), "round_to=64 is larger than layer"),
+    (dict(ratio=0.3, max_group_ratio=1.5), r"max_group_ratio must be in \(0, 1\]"),
 ]
 
 
