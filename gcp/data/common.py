@@ -149,6 +149,8 @@ class DetectionDataset(Dataset):
 
     ``image`` is a float tensor ``(3, size, size)`` in ``[0, 1]``; ``target`` holds ``boxes`` (xyxy pixels of
     the letterboxed image), ``labels`` in ``[0, num_classes)`` and ``image_id`` (the item's index).
+    ``augment=True`` applies :func:`gcp.data.transforms.training_augmentation`; ``horizontal_flip=False`` leaves
+    its mirroring out, for classes that a mirror changes (digits, text).
     """
 
     def __init__(
