@@ -103,7 +103,14 @@ class PruneResult:
 
 
 def _validate(
-    ratio: Any, method: str, allocator: str, budget: str, coupling: str, round_to: int | None, min_keep: int
+    ratio: Any,
+    method: str,
+    allocator: str,
+    budget: str,
+    coupling: str,
+    round_to: int | None,
+    min_keep: int,
+    max_group_ratio: float,
 ) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -125,6 +132,8 @@ def _validate(
         raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
     if not isinstance(min_keep, int) or min_keep < 1:
         raise ValueError(f"min_keep must be an integer >= 1, got {min_keep!r}")
+    if not 0.0 < max_group_ratio <= 1.0:
+        raise ValueError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
 
 
 def _resolve_ignored(model: nn.Module, ignored: Iterable[nn.Module | str] | None) -> list[nn.Module]:
@@ -459,9 +468,7 @@ def prune_detector(
     keeps the layers the family needs whole. ``None`` uses the model as given. The rewrite happens before the
     model is inspected (it renames layers); when a later check refuses the model, the rewrite is undone.
     """
-    _validate(ratio, method, allocator, budget, coupling, round_to, min_keep)
-    if not 0.0 < max_group_ratio <= 1.0:
-        raise ValueError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
+    _validate(ratio, method, allocator, budget, coupling, round_to, min_keep, max_group_ratio)
     if method == "thinet" and calib_data is None:
         raise ValueError(
             "method='thinet' needs calib_data: a few image batches to measure reconstruction error"
