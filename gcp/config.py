@@ -34,6 +34,7 @@ ALLOCATORS = ("valley", "paper", "explicit")
 BUDGETS = ("channels", "params", "macs")
 COUPLINGS = ("vote", "mean", "max")
 SCHEDULES = ("dynamic", "constant")
+SPARSITY_MECHANISMS = ("layer_relative", "eq3")  # gcp.sparsity.MECHANISMS
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_SPLITS = ("train", "val", "test")
 PRUNE_SOURCES = ("sparse", "trained")
@@ -139,10 +140,14 @@ class FitConfig:
 class SparsityConfig(FitConfig):
     """Sparse training (paper §4.1, eq. 3): L1 rate ``s`` on BatchNorm γ; ``dynamic`` lets the ``protect``
     fraction of channels with the largest |γ| decay to ``decay`` × s after ``switch_at`` of the epochs,
-    ``constant`` is Network Slimming's fixed rate."""
+    ``constant`` is Network Slimming's fixed rate. ``mechanism`` is ``layer_relative`` (γ trained by the hook
+    with its own ``gamma_lr``; works under AdamW) or ``eq3`` (the paper's literal subgradient, for SGD); ``s``
+    null takes the mechanism's default (0.5 relative, 7.5e-4 for eq3), see ``gcp.DynamicSparsity``."""
 
     schedule: str = option("dynamic", choices=SCHEDULES)
-    s: float = option(7.5e-4, minimum=0.0)
+    mechanism: str = option("layer_relative", choices=SPARSITY_MECHANISMS)
+    s: float | None = option(None, minimum=0.0)
+    gamma_lr: float = option(0.01, minimum=0.0, exclusive_minimum=True)
     switch_at: float = option(0.5, minimum=0.0, maximum=1.0)
     protect: float = option(0.3, minimum=0.0, maximum=1.0)
     decay: float = option(0.01, minimum=0.0, maximum=1.0)
@@ -163,7 +168,7 @@ class PruneConfig:
     groups: str = "auto"
     group_ratios: dict[str, float] | None = None
     coupling: str = option("vote", choices=COUPLINGS)
-    max_group_ratio: float = option(1.0, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    max_group_ratio: float = option(0.9, minimum=0.0, maximum=1.0, exclusive_minimum=True)
     round_to: int | None = option(None, minimum=1)
     source: str = option("sparse", choices=PRUNE_SOURCES)
     calib_images: int = option(32, minimum=1)

@@ -500,6 +500,8 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
             protect=settings.protect,
             decay=settings.decay,
             groups=partition(model, ctx.example_inputs),
+            mechanism=settings.mechanism,
+            lr=settings.gamma_lr,
         )
         out_dir = run.fit_dir("sparse")
         _fit(ctx, model, settings, out_dir, hooks=[hook])

@@ -26,7 +26,7 @@ from grouping import (
     partition,
     prunable_norms,
 )
-from grouping.allocate import warn_if_missed
+from grouping.allocate import MAX_GROUP_RATIO, warn_if_missed
 from grouping.trace import ForwardFn, Observation, Recorder, first_image_tensor, run_forward
 
 from .adapters import Adapter, failing_module, resolve_adapter, snapshot_submodules, tracing_hint
@@ -226,12 +226,24 @@ def _constrain(
 class _Decider:
     """Turns thresholds (γ methods) or a uniform fraction (l1/thinet/random) into per-unit prune masks."""
 
-    def __init__(self, units: Sequence[Unit], floor: int, round_to: int | None) -> None:
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        floor: int,
+        round_to: int | None,
+        scores: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self.units = units
         self.floor = floor
         self.round_to = round_to
         self.gammas = [
-            [m.module.weight.detach().abs().float().cpu()[m.local] for m in u.norms] for u in units
+            [
+                (scores[m.name] if scores is not None else m.module.weight.detach().abs().float().cpu())[
+                    m.local
+                ]
+                for m in u.norms
+            ]
+            for u in units
         ]
 
     def by_thresholds(self, thresholds: Mapping[str, float], coupling: str) -> list[torch.Tensor]:
@@ -429,6 +441,210 @@ def _gcp_groups(model: nn.Module, example_inputs: Any, groups: Any, seen: Observ
     raise TypeError("groups must be 'auto', a YAML path, a mapping name -> glob patterns, or a list of Group")
 
 
+def gamma_scores(graph: Any, norms: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """|γ| of every BatchNorm channel, with ties broken deterministically by the producing conv's filter norm.
+
+    A freshly built model has every γ = 1, and a quantile of tied values cannot separate them: a threshold
+    then removes all or nothing (0 % for any ratio). We add δ · r to |γ|, where r ∈ (0, 1] is the channel's
+    rank, inside its layer, by the L2 norm of the conv filter that produces it (channel index where that ties
+    too) and δ is below a quarter of the smallest gap between distinct |γ|, so the |γ| order itself is never
+    changed. With all γ tied, a global threshold then removes the same fraction of every layer, weakest
+    filters first.
+    """
+    gammas = {n: m.weight.detach().abs().float().cpu() for n, m in norms.items()}
+    if not gammas:
+        return {}
+    flat = torch.cat(list(gammas.values()))
+    distinct = torch.unique(flat)
+    gaps = distinct[1:] - distinct[:-1]
+    top = float(flat.max()) if flat.numel() else 0.0
+    delta = 1e-6 * max(top, 1e-12)
+    if gaps.numel():
+        delta = min(delta, float(gaps.min()) / 4.0)
+    scores = {}
+    for name, gamma in gammas.items():
+        secondary = _producer_filter_norms(graph, norms[name])
+        if secondary is None or secondary.numel() != gamma.numel():
+            secondary = torch.arange(gamma.numel(), dtype=torch.float32)
+        order = torch.sort(secondary, stable=True).indices
+        rank = torch.empty(gamma.numel())
+        rank[order] = torch.arange(1, gamma.numel() + 1, dtype=torch.float32) / gamma.numel()
+        scores[name] = gamma + delta * rank
+    return scores
+
+
+def _producer_filter_norms(graph: Any, norm: nn.Module) -> torch.Tensor | None:
+    """L2 norm of each output filter of the conv/linear layer feeding ``norm`` directly, if there is one."""
+    node = graph.module2node.get(norm) if graph is not None else None
+    if node is None or len(node.inputs) != 1:
+        return None
+    producer = node.inputs[0].module
+    weight = getattr(producer, "weight", None)
+    if not isinstance(producer, (nn.modules.conv._ConvNd, nn.Linear)) or weight is None:
+        return None
+    w = weight.detach().float().cpu()
+    if isinstance(producer, nn.modules.conv._ConvTransposeNd):
+        w = w.transpose(0, 1)
+    return w.flatten(1).norm(dim=1)
+
+
+@dataclass
+class _Traced:
+    """What one traced forward pass tells us: the DependencyGraph and the observation of every layer."""
+
+    graph: Any
+    seen: Observation
+
+
+def _check_norms(model: nn.Module, method: str) -> dict[str, nn.Module]:
+    """The model's affine BatchNorms; γ methods refuse a model without them or with corrupt γ."""
+    norms = prunable_norms(model)
+    if method not in ("gcp", "slim"):
+        return norms
+    if not norms:
+        raise ValueError(
+            f"method={method!r} ranks channels by BatchNorm γ, but the model has no affine BatchNorm layer; "
+            "use method='l1' or method='thinet' instead"
+        )
+    bad = [n for n, m in norms.items() if not torch.isfinite(m.weight.detach()).all()]
+    if bad:
+        raise ValueError(f"non-finite BatchNorm γ in layers {bad[:5]}: the model's weights are corrupt")
+    return norms
+
+
+def _trace(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None,
+    output_transform: Callable[[Any], Any] | None,
+    norms: Mapping[str, nn.Module],
+    family: Adapter | None,
+) -> _Traced:
+    """Build torch-pruning's graph; the same forward pass records strides, MACs and input means."""
+    outputs: list[Any] = []
+
+    def traced_forward(mdl: nn.Module, inputs: Any) -> Any:
+        outputs.append(run_forward(mdl, inputs, forward_fn))
+        return outputs[-1]
+
+    try:
+        with Recorder(model, example_inputs, watch=norms.values()) as recorder:
+            graph = build_graph(model, example_inputs, traced_forward, output_transform)
+    except Exception as exc:  # the user's forward may raise anything; show it and where it happened
+        if outputs:
+            raise ValueError(
+                f"torch-pruning could not trace the outputs of {type(model).__name__} ({type(exc).__name__}: "
+                f"{exc}); pass {tracing_hint(model, family)}"
+            ) from exc
+        raise ValueError(
+            f"example_inputs do not run the model: {type(exc).__name__}: {exc} (raised in "
+            f"{failing_module(model, example_inputs, forward_fn)}). Pass inputs the model accepts, or "
+            f"{tracing_hint(model, family)}"
+        ) from exc
+    seen = recorder.finish(output_transform(outputs[-1]) if output_transform else outputs[-1])
+    if not seen.predictions:
+        raise ValueError(
+            "no model output is computed by a conv or linear layer (outputs detached or postprocessed "
+            f"without gradients), so the trainable network cannot be traced; pass {tracing_hint(model, family)}"
+        )
+    return _Traced(graph, seen)
+
+
+def _gamma_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    groups: Any,
+    method: str,
+    allocator: str,
+    traced: _Traced,
+    norms: Mapping[str, nn.Module],
+    units: Sequence[Unit],
+) -> list[Group]:
+    """The groups γ thresholds are allocated over: one global group (slim) or the partition (gcp), restricted
+    to the BatchNorms that prunable units carry. A partition that leaves some of those out is refused."""
+    in_units = {m.name for u in units for m in u.norms}
+    if method == "slim":
+        return [Group("global", [n for n in norms if n in in_units], 0, "global")]
+    part = _gcp_groups(model, example_inputs, groups, traced.seen)
+    covered = {n for g in part for n in g.layers}
+    uncovered = sorted(in_units - covered)
+    if uncovered:
+        raise ValueError(
+            f"groups leave {len(uncovered)} prunable BatchNorm layers in no group, e.g. {uncovered[:5]}; add "
+            "patterns that cover them (or a catch-all group such as {'other': ['*']})"
+        )
+    part = [Group(g.name, [n for n in g.layers if n in in_units], g.stride, g.kind, g.patterns) for g in part]
+    return [g for g in part if g.layers] if allocator != "explicit" else part
+
+
+def _decide_by_gamma(
+    part: Sequence[Group],
+    scores: Mapping[str, torch.Tensor],
+    ratio: Any,
+    method: str,
+    allocator: str,
+    coupling: str,
+    max_group_ratio: float,
+    decider: _Decider,
+    measure: _Budget,
+) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """gcp/slim: per-group |γ| thresholds from ``grouping.allocate`` (§4.2.2), then masks by vote (§4.2.3)."""
+    layer_group = {n: g.name for g in part for n in g.layers}
+
+    def by_group(group_thresholds: Mapping[str, float]) -> dict[str, float]:
+        return {n: group_thresholds[g] for n, g in layer_group.items()}
+
+    allocation = allocate(
+        part,
+        {n: scores[n] for n in layer_group},
+        ratio,
+        "paper" if method == "slim" else allocator,
+        budget=lambda t: measure(decider.by_thresholds(by_group(t), coupling)),
+        max_group_ratio=1.0 if method == "slim" else max_group_ratio,
+    )
+    return allocation.thresholds, decider.by_thresholds(by_group(allocation.thresholds), coupling)
+
+
+def _decide_by_rank(
+    model: nn.Module,
+    method: str,
+    ratio: float,
+    units: Sequence[Unit],
+    batches: Sequence[Any],
+    forward_fn: ForwardFn | None,
+    seed: int,
+    decider: _Decider,
+    measure: _Budget,
+) -> list[torch.Tensor]:
+    """l1/thinet/random: rank each unit's channels and remove the same fraction of every unit."""
+    if method == "thinet":
+        scorer: Any = ThiNetImportance(seed=seed)
+        consumers = {m.module for u in units for m in u.ins}
+        scorer.collect(model, batches, consumers, lambda mdl, b: run_forward(mdl, b, forward_fn))
+    elif method == "l1":
+        scorer = L1FilterImportance()
+    else:
+        scorer = RandomImportance(seed)
+    scores = []
+    for unit in units:
+        score = scorer(unit.group)
+        scores.append(score.float().cpu() if score is not None else torch.zeros(unit.size))
+    fraction = bisect(lambda q: measure(decider.by_fraction(scores, q)), float(ratio), 0.0, 1.0)
+    masks = decider.by_fraction(scores, fraction)
+    warn_if_missed(measure(masks), float(ratio))
+    return masks
+
+
+def _remove(graph: Any, units: Sequence[Unit], masks: Sequence[torch.Tensor]) -> list[list[Any]]:
+    """Let the DependencyGraph remove each unit's masked channels; returns the replayable history."""
+    for unit, mask in zip(units, masks):
+        idxs = torch.nonzero(mask).flatten().tolist()
+        if idxs:
+            root = unit.group[0].dep
+            graph.get_pruning_group(root.target.module, root.handler, idxs).prune()
+    return [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()]
+
+
 def prune_detector(
     model: nn.Module,
     example_inputs: Any,
@@ -442,7 +658,7 @@ def prune_detector(
     ignored_layers: Iterable[nn.Module | str] | None = None,
     round_to: int | None = None,
     min_keep: int = 1,
-    max_group_ratio: float = 1.0,
+    max_group_ratio: float = MAX_GROUP_RATIO,
     forward_fn: ForwardFn | None = None,
     output_transform: Callable[[Any], Any] | None = None,
     calib_data: Any = None,
@@ -455,12 +671,13 @@ def prune_detector(
     default :func:`grouping.partition`), thresholds from ``allocator``, residual-coupled channels decided by
     ``coupling`` (``"vote"``: the public mask of §4.2.3). ``"slim"`` is Network Slimming: one global |γ|
     threshold. ``"thinet"`` (needs ``calib_data``), ``"l1"`` and ``"random"`` remove the same fraction of every
-    coupled unit, ranked by next-layer reconstruction, filter L1 norm or chance. Prediction layers (convs that
-    feed an output) keep their outputs; ``ignored_layers`` adds more. Removed channels' mean activations are
-    folded into their consumers. Bad input raises before the model is touched.
+    coupled unit, ranked by next-layer reconstruction, filter L1 norm or chance. Tied |γ| (a freshly built
+    model) are ordered by :func:`gamma_scores`, so the ratio is still met. Prediction layers (convs that feed
+    an output) keep their outputs; ``ignored_layers`` adds more. Removed channels' mean activations are folded
+    into their consumers. Bad input raises before the model is touched.
 
-    ``max_group_ratio`` (gcp only) caps the share of one group's γ that its threshold may remove, see
-    :func:`grouping.allocate`.
+    ``max_group_ratio`` (gcp only) caps the share of one group's γ that its threshold may remove (default 0.9,
+    so no group is emptied), see :func:`grouping.allocate`.
 
     ``adapter`` (default ``"auto"``: the registered family that recognises the model, see :mod:`gcp.adapters`)
     lets detectors we did not write be pruned from a plain image batch: it rewrites split blocks into
@@ -480,54 +697,17 @@ def prune_detector(
     was_training = model.training
     channels_removed = False  # until then, a refusal hands the model back as given: the rewrite is undone
     try:
-        norms = prunable_norms(model)
-        if method in ("gcp", "slim"):
-            if not norms:
-                raise ValueError(
-                    f"method={method!r} ranks channels by BatchNorm γ, but the model has no affine BatchNorm layer; "
-                    "use method='l1' or method='thinet' instead"
-                )
-            bad = [n for n, m in norms.items() if not torch.isfinite(m.weight.detach()).all()]
-            if bad:
-                raise ValueError(
-                    f"non-finite BatchNorm γ in layers {bad[:5]}: the model's weights are corrupt"
-                )
+        norms = _check_norms(model, method)
         ignored = _resolve_ignored(model, ignored_layers)
         if family is not None:
             ignored += _resolve_ignored(model, family.ignored(model))
             forward_fn = forward_fn or family.forward_fn
-
         model.eval()  # analysis passes must not move BatchNorm running statistics
-        outputs: list[Any] = []
-
-        def traced_forward(mdl: nn.Module, inputs: Any) -> Any:
-            outputs.append(run_forward(mdl, inputs, forward_fn))
-            return outputs[-1]
-
-        try:  # torch-pruning's tracing pass doubles as our observation pass: the model runs once for both
-            with Recorder(model, example_inputs, watch=norms.values()) as recorder:
-                graph = build_graph(model, example_inputs, traced_forward, output_transform)
-        except Exception as exc:  # the user's forward may raise anything; show it and where it happened
-            if outputs:
-                raise ValueError(
-                    f"torch-pruning could not trace the outputs of {type(model).__name__} ({type(exc).__name__}: "
-                    f"{exc}); pass {tracing_hint(model, family)}"
-                ) from exc
-            raise ValueError(
-                f"example_inputs do not run the model: {type(exc).__name__}: {exc} (raised in "
-                f"{failing_module(model, example_inputs, forward_fn)}). Pass inputs the model accepts, or "
-                f"{tracing_hint(model, family)}"
-            ) from exc
-        seen = recorder.finish(output_transform(outputs[-1]) if output_transform else outputs[-1])
-        if not seen.predictions:
-            raise ValueError(
-                "no model output is computed by a conv or linear layer (outputs detached or postprocessed "
-                f"without gradients), so the trainable network cannot be traced; pass {tracing_hint(model, family)}"
-            )
+        traced = _trace(model, example_inputs, forward_fn, output_transform, norms, family)
+        seen = traced.seen
         modules = dict(model.named_modules())
         ignored = ignored + [modules[p] for p in seen.predictions if modules[p] not in ignored]
-        part = _gcp_groups(model, example_inputs, groups, seen) if method == "gcp" else None
-        units = _units(model, graph, ignored)
+        units = _units(model, traced.graph, ignored)
         _check_round_to(units, round_to)
         batch = first_image_tensor(example_inputs).shape[0]
         macs = sum(seen.macs.values()) / batch
@@ -536,51 +716,20 @@ def prune_detector(
             m: float(sum(p.numel() for p in m.parameters(recurse=False))) for m in model.modules()
         }
         measure = _Budget(units, budget, seen.macs, layer_params, sum(seen.macs.values()), params)
-        decider = _Decider(units, max(min_keep, round_to or 1), round_to)
         batches = _calibration_batches(calib_data, example_inputs)
 
+        part: list[Group] | None = None
         thresholds: dict[str, float] = {}
         if method in ("gcp", "slim"):
-            in_units = {m.name for u in units for m in u.norms}
-            if method == "slim":
-                part = [Group("global", [n for n in norms if n in in_units], 0, "global")]
-            else:
-                part = [
-                    Group(g.name, [n for n in g.layers if n in in_units], g.stride, g.kind, g.patterns)
-                    for g in part
-                ]
-                part = [g for g in part if g.layers] if allocator != "explicit" else part
-            layer_group = {n: g.name for g in part for n in g.layers}
-            importances = {n: norms[n].weight.detach().abs().float().cpu() for n in layer_group}
-
-            def by_group(group_thresholds: Mapping[str, float]) -> dict[str, float]:
-                return {n: group_thresholds[g] for n, g in layer_group.items()}
-
-            allocation = allocate(
-                part,
-                importances,
-                ratio,
-                "paper" if method == "slim" else allocator,
-                budget=lambda t: measure(decider.by_thresholds(by_group(t), coupling)),
-                max_group_ratio=1.0 if method == "slim" else max_group_ratio,
+            scores = gamma_scores(traced.graph, norms)
+            decider = _Decider(units, max(min_keep, round_to or 1), round_to, scores)
+            part = _gamma_groups(model, example_inputs, groups, method, allocator, traced, norms, units)
+            thresholds, masks = _decide_by_gamma(
+                part, scores, ratio, method, allocator, coupling, max_group_ratio, decider, measure
             )
-            thresholds = allocation.thresholds
-            masks = decider.by_thresholds(by_group(thresholds), coupling)
         else:
-            scorer = {"l1": L1FilterImportance, "random": lambda: RandomImportance(seed)}.get(method)
-            if method == "thinet":
-                scorer = ThiNetImportance(seed=seed)
-                consumers = {m.module for u in units for m in u.ins}
-                scorer.collect(model, batches, consumers, lambda mdl, b: run_forward(mdl, b, forward_fn))
-            else:
-                scorer = scorer()
-            scores = []
-            for unit in units:
-                score = scorer(unit.group)
-                scores.append(score.float().cpu() if score is not None else torch.zeros(unit.size))
-            fraction = bisect(lambda q: measure(decider.by_fraction(scores, q)), float(ratio), 0.0, 1.0)
-            masks = decider.by_fraction(scores, fraction)
-            warn_if_missed(measure(masks), float(ratio))
+            decider = _Decider(units, max(min_keep, round_to or 1), round_to)
+            masks = _decide_by_rank(model, method, ratio, units, batches, forward_fn, seed, decider, measure)
 
         before = _layer_channels(model)
         consumers = {m.module for u, mask in zip(units, masks) if mask.any() for m in u.ins}
@@ -588,15 +737,8 @@ def prune_detector(
             seen.input_means if calib_data is None else _input_means(model, consumers, batches, forward_fn)
         )
         channels_removed = True
-        _compensate(graph, units, masks, means)
-        for unit, mask in zip(units, masks):
-            idxs = torch.nonzero(mask).flatten().tolist()
-            if idxs:
-                root = unit.group[0].dep
-                graph.get_pruning_group(root.target.module, root.handler, idxs).prune()
-        history = [
-            [name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()
-        ]
+        _compensate(traced.graph, units, masks, means)
+        history = _remove(traced.graph, units, masks)
         report = build_report(
             model,
             method=method,

@@ -1,10 +1,28 @@
 """Dynamic sparse training: an L1 penalty on BatchNorm γ whose rate changes during training (paper §4.1, eq. 3).
 
-The penalty s·Σ|γ| contributes the subgradient s·sign(γ) to every γ. Network Slimming keeps s constant, which
-trades accuracy for sparsity (Table 9: 71.2 vs 79.8 mAP). The paper's dynamic schedule keeps s for every channel
-until ``switch_at`` of the epochs (half of 200 in §5.2, 40 % in the §6.1 ablation) and then lets the ``protect``
-fraction of channels with the largest |γ| (30 %) decay to ``decay`` × s (1 %), so important channels recover
-while the rest keep being driven to zero.
+The paper's penalty s·Σ|γ| contributes the subgradient s·sign(γ) to every γ. Network Slimming keeps s constant,
+which trades accuracy for sparsity (Table 9: 71.2 vs 79.8 mAP). The paper's dynamic schedule keeps s for every
+channel until ``switch_at`` of the epochs (half of 200 in §5.2, 40 % in the §6.1 ablation) and then lets the
+``protect`` fraction of channels with the largest |γ| (30 %) decay to ``decay`` × s (1 %), so important channels
+recover while the rest keep being driven to zero.
+
+Two mechanisms apply that schedule (``docs/design.md``, "Sparse training", has the measurements):
+
+* ``"eq3"``: the literal subgradient added to γ.grad, for SGD runs as in the paper (Table 9's comparison). Under
+  AdamW it does nothing useful: Adam divides every parameter's step by its own gradient RMS, so the added
+  s·sign(γ) is normalised away and γ moves by at most about lr per step, whatever s is.
+* ``"layer_relative"`` (default): the hook trains γ itself, outside the optimiser, with a proximal step whose
+  strength does not depend on the optimiser or on the loss scale, and that cannot be satisfied by shrinking a
+  whole layer (a BatchNorm follows every conv, so a uniform γ scale is almost free for the loss):
+
+  1. the data gradient of each layer's γ is divided by that layer's gradient RMS (a running scalar per layer,
+     not per channel as in Adam), so channels compete with the other channels of their layer in units of the
+     layer's typical gradient, and one dimensionless s means the same in the stem and in the stride-32 stage
+     whose gradients are 1000× smaller;
+  2. the L1 term is divided by the layer's RMS |γ| (Hoyer's ‖γ‖₁/‖γ‖₂, scale-invariant): its gradient,
+     rescaled to γ's units, is s·(sign γ_i − γ_i·mean|γ|/mean γ²), zero for a uniform layer, pushing channels
+     below the layer's contrast point down and those above it up, keeping the layer's norm;
+  3. the sign part is applied as a soft threshold (proximal L1), so unneeded channels reach exactly 0.
 """
 
 from __future__ import annotations
@@ -23,27 +41,43 @@ from .io import atomic_write_json
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SPARSE_BELOW = 1e-2
+MECHANISMS = ("layer_relative", "eq3")
+#: Default s per mechanism: the paper's 7.5e-4 for eq. 3; for ``layer_relative`` s is relative to each layer's
+#: gradient RMS (see ``docs/design.md`` for how 0.5 was chosen).
+DEFAULT_S = {"eq3": 7.5e-4, "layer_relative": 0.5}
+BETAS = (0.9, 0.99)  # data-gradient momentum and the per-layer gradient-RMS average (layer_relative)
 
 
 class DynamicSparsity:
-    """Adds the (dynamic) L1 subgradient on BatchNorm γ; call :meth:`step` between backward and optimizer step.
+    """Sparse training of BatchNorm γ with the paper's dynamic schedule; a ``gcp.train.fit`` hook.
+
+    Call :meth:`step` between backward and the optimiser step (it is the hook's ``after_backward``).
+    ``mechanism="layer_relative"`` (default) takes every penalised γ out of the optimiser for that step (its
+    ``.grad`` is set to None, so SGD and AdamW skip it) and updates it with learning rate ``lr`` as described in
+    the module docstring; ``mechanism="eq3"`` adds s_d·sign(γ) to γ.grad and leaves the update to the optimiser
+    (the paper's eq. 3, meant for SGD). ``s=None`` takes :data:`DEFAULT_S` for the mechanism.
 
     ``layers`` restricts the penalty to these BatchNorm names (default: every affine BatchNorm). ``groups``
     (e.g. from :func:`grouping.partition`) only changes how :meth:`stats` reports; the schedule ranks channels
     across the whole model, as §4.1 describes ("30 % of the channels"). ``switch_at=1.0`` gives constant-rate
-    Network Slimming sparse training. It is also a ``gcp.train.fit`` hook (``after_backward``).
+    Network Slimming sparse training.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        s: float = 7.5e-4,
+        s: float | None = None,
         switch_at: float = 0.5,
         protect: float = 0.3,
         decay: float = 0.01,
         layers: Iterable[str] | None = None,
         groups: Sequence[Group] | None = None,
+        mechanism: str = "layer_relative",
+        lr: float = 0.01,
     ) -> None:
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unknown sparsity mechanism {mechanism!r}; choose from {MECHANISMS}")
+        s = DEFAULT_S[mechanism] if s is None else s
         if s < 0:
             raise ValueError(f"sparsity rate s must be >= 0, got {s}")
         if not 0.0 <= switch_at <= 1.0:
@@ -52,6 +86,8 @@ class DynamicSparsity:
             raise ValueError(f"protect must be in [0, 1], got {protect}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if not lr > 0:
+            raise ValueError(f"lr (γ's own learning rate) must be > 0, got {lr}")
         norms = prunable_norms(model)
         if layers is not None:
             wanted = list(layers)
@@ -66,24 +102,37 @@ class DynamicSparsity:
         self.switch_at = switch_at
         self.protect = protect
         self.decay = decay
+        self.mechanism = mechanism
+        self.lr = lr
         self.groups = list(groups) if groups is not None else [Group("all", list(norms), 0, "all")]
         self.history: list[dict[str, Any]] = []
         self._protected_epoch: int | None = None
         self._protected: dict[str, torch.Tensor] = {}
+        self._momentum: dict[str, torch.Tensor] = {}
+        self._mean_square: dict[str, float] = {}
+        self._updates = 0
 
     def switched(self, epoch: int, total_epochs: int) -> bool:
         """True once ``epoch`` (0-based) has reached ``switch_at`` of the run."""
         return self.switch_at < 1.0 and epoch >= self.switch_at * total_epochs
 
     def _rank_protected(self) -> dict[str, torch.Tensor]:
-        """Boolean masks of the ``protect`` fraction of channels with the largest |γ|, ranked model-wide."""
-        gammas = {n: m.weight.detach().abs().flatten().cpu() for n, m in self.norms.items()}
+        """Boolean masks of exactly the ``protect`` fraction of channels with the largest |γ|, model-wide.
+
+        Ties at the cut-off are broken by position (``torch.topk`` on a stable sort), so a model whose γ are
+        all equal still protects exactly k channels, not all of them.
+        """
+        gammas = {n: m.weight.detach().abs().flatten().float().cpu() for n, m in self.norms.items()}
         flat = torch.cat(list(gammas.values()))
         k = int(round(self.protect * flat.numel()))
-        if k == 0:
-            return {n: torch.zeros_like(g, dtype=torch.bool) for n, g in gammas.items()}
-        cutoff = torch.topk(flat, k).values[-1]
-        masks = {n: g >= cutoff for n, g in gammas.items()}
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        if k:
+            order = torch.sort(flat, descending=True, stable=True).indices
+            chosen[order[:k]] = True
+        masks, start = {}, 0
+        for name, g in gammas.items():
+            masks[name] = chosen[start : start + g.numel()]
+            start += g.numel()
         return masks
 
     def rates(self, epoch: int, total_epochs: int) -> dict[str, torch.Tensor]:
@@ -98,8 +147,20 @@ class DynamicSparsity:
 
     @torch.no_grad()
     def step(self, epoch: int, total_epochs: int) -> None:
-        """Add s_d·sign(γ) to γ.grad of every penalised layer (the gradient of eq. 3's second term)."""
-        for name, rate in self.rates(epoch, total_epochs).items():
+        """Apply one step of the penalty to every penalised γ (see the class docstring for the mechanisms)."""
+        rates = self.rates(epoch, total_epochs)
+        if self.mechanism == "eq3":
+            self._add_subgradient(rates)
+        else:
+            self._updates += 1
+            for name, rate in rates.items():
+                self._layer_relative_update(name, rate)
+
+    after_backward = step
+
+    def _add_subgradient(self, rates: dict[str, torch.Tensor]) -> None:
+        """Eq. 3: add s_d·sign(γ) to γ.grad of every penalised layer; the optimiser takes the step."""
+        for name, rate in rates.items():
             weight = self.norms[name].weight
             penalty = rate.to(weight.device, weight.dtype) * torch.sign(weight.detach())
             if weight.grad is None:
@@ -107,7 +168,30 @@ class DynamicSparsity:
             else:
                 weight.grad.add_(penalty)
 
-    after_backward = step
+    def _layer_relative_update(self, name: str, rate: torch.Tensor) -> None:
+        """One proximal step on a layer's γ with a layer-normalised data gradient (module docstring, 1–3)."""
+        weight = self.norms[name].weight
+        gamma = weight.detach().float()
+        grad = weight.grad.detach().float() if weight.grad is not None else torch.zeros_like(gamma)
+        weight.grad = None  # the optimiser must not also move γ (nor decay it)
+        beta1, beta2 = BETAS
+        momentum = self._momentum.get(name)
+        momentum = (
+            grad.clone()
+            if momentum is None
+            else momentum.to(grad.device).mul_(beta1).add_(grad, alpha=1 - beta1)
+        )
+        self._momentum[name] = momentum
+        mean_square = beta2 * self._mean_square.get(name, 0.0) + (1 - beta2) * float(grad.pow(2).mean())
+        self._mean_square[name] = mean_square
+        rms = (mean_square / (1 - beta2**self._updates)) ** 0.5
+        data_step = momentum / (1 - beta1**self._updates) / max(rms, 1e-12)
+        rate = rate.to(gamma.device, gamma.dtype)
+        square = float(gamma.pow(2).mean())
+        contrast = float(gamma.abs().mean()) / square if square > 0 else 0.0
+        z = gamma - self.lr * data_step + self.lr * rate * contrast * gamma  # scale-invariant part, explicit
+        shrunk = torch.sign(z) * torch.clamp(z.abs() - self.lr * rate, min=0.0)  # L1 part, proximal
+        weight.data.copy_(shrunk.to(weight.dtype))
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per-group |γ| quantiles and the fraction of channels with |γ| < 1e-2."""
@@ -134,11 +218,23 @@ class DynamicSparsity:
         self.history.append(entry)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": json.dumps(self.history)}
+        """History plus the ``layer_relative`` optimiser state, so ``fit(resume=True)`` continues exactly."""
+        return {
+            "history": json.dumps(self.history),
+            "momentum": {n: m.cpu() for n, m in self._momentum.items()},
+            "mean_square": json.dumps(self._mean_square),
+            "updates": self._updates,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = json.loads(state["history"])
+        self._momentum = {n: m.clone() for n, m in state.get("momentum", {}).items()}
+        self._mean_square = json.loads(state.get("mean_square", "{}"))
+        self._updates = int(state.get("updates", 0))
 
     def save_history(self, path: str | Path) -> Path:
         """Write the per-epoch history as JSON (atomically), for ``gcp plot sparsity``."""
-        return atomic_write_json(path, {"s": self.s, "switch_at": self.switch_at, "history": self.history})
+        return atomic_write_json(
+            path,
+            {"s": self.s, "switch_at": self.switch_at, "mechanism": self.mechanism, "history": self.history},
+        )

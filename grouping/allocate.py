@@ -12,8 +12,14 @@ Three strategies:
   still meet P. Note that this yields near-uniform group ratios; the paper's Table 1 ratios (10 %–96 %) cannot
   come from this formula, which is why ``valley`` exists.
 * ``valley``: each group's threshold is placed at the valley between the near-zero mode and the important mode
-  of its own |γ| distribution (what dynamic sparse training produces, Fig. 9); one shared scale on all valleys
-  is found by bisection so that the total meets the budget.
+  of its own |γ| distribution (what dynamic sparse training produces, Fig. 9), so each group loses what sparse
+  training marked redundant in it; a budget beyond that comes from one global |γ| threshold. Groups without
+  a valley get only the global threshold (and a warning). One position is found by bisection so that the total
+  meets the budget (see :func:`_valley_thresholds`).
+
+The automatic strategies (``paper``, ``valley``) never take more than ``max_group_ratio`` (default
+:data:`MAX_GROUP_RATIO`) of one group's γ: a group emptied of its channels is a backbone stage no fine-tuning
+recovers.
 
 ``budget`` is a callable mapping thresholds to the achieved fraction, so that coupling (residual vote) and the
 ``params``/``macs`` budgets are measured by the caller (``gcp``) while the search stays here.
@@ -32,6 +38,7 @@ from .partition import Group
 
 Budget = Callable[[Mapping[str, float]], float]
 TOLERANCE = 0.005  # 0.5 percentage points
+MAX_GROUP_RATIO = 0.9
 
 
 @dataclass
@@ -74,24 +81,33 @@ def quantile_threshold(values: torch.Tensor, ratio: float) -> float:
     return float(ordered[k - 1] + ordered[k]) / 2.0
 
 
-def valley(values: torch.Tensor, bins: int = 60) -> float:
-    """The |γ| at the valley between the near-zero mode and the important mode of a log-|γ| histogram.
+#: A valley counts only when the histogram dips below this share of the lower of its two modes ...
+VALLEY_DIP = 0.25
+#: ... and the modes lie at least this many decades of |γ| apart (sparse training's near-zero mode vs 1).
+VALLEY_DECADES = 1.0
+
+
+def find_valley(values: torch.Tensor, bins: int = 60) -> float | None:
+    """The |γ| at the valley between the near-zero mode and the important mode of a log-|γ| histogram, or None.
 
     Sparse training (eq. 3) pushes unimportant γ towards zero while important ones stay large, so log|γ| is
     bimodal (Fig. 9). We smooth a histogram of log10|γ|, take its two highest separated peaks and return the
-    lowest point between them. A unimodal distribution (no sparse training yet) has no valley: we return the
-    median, and the shared scale found by :func:`allocate` then does the work.
+    lowest point between them. A group whose γ show no such separation (no sparse training yet, or none of its
+    channels redundant) has no valley: any point of a unimodal histogram is noise, and a threshold read from
+    it empties or spares the group by chance. We require a real dip (below ``VALLEY_DIP`` of the lower mode)
+    between modes at least ``VALLEY_DECADES`` apart, and return None otherwise.
     """
     v = values.detach().abs().float().flatten()
     if v.numel() < 4:
-        return float(v.median()) if v.numel() else 0.0
+        return None
     logs = torch.log10(v.clamp_min(1e-12))
     lo, hi = float(logs.min()), float(logs.max())
-    if hi - lo < 1e-6:
-        return float(v.median())
+    if hi - lo < VALLEY_DECADES:
+        return None
     hist = torch.histc(logs, bins=bins, min=lo, max=hi)
     kernel = torch.tensor([1.0, 2.0, 3.0, 2.0, 1.0]) / 9.0
     smooth = torch.nn.functional.conv1d(hist.view(1, 1, -1), kernel.view(1, 1, -1), padding=2).view(-1)
+    width = (hi - lo) / bins
     peaks = [
         i
         for i in range(bins)
@@ -99,16 +115,17 @@ def valley(values: torch.Tensor, bins: int = 60) -> float:
         and (i == 0 or smooth[i] >= smooth[i - 1])
         and (i == bins - 1 or smooth[i] >= smooth[i + 1])
     ]
-    if len(peaks) < 2:
-        return float(v.median())
     peaks.sort(key=lambda i: float(smooth[i]), reverse=True)
+    if not peaks:
+        return None
     first = peaks[0]
-    separated = [p for p in peaks[1:] if abs(p - first) >= bins // 10]
+    separated = [p for p in peaks[1:] if abs(p - first) * width >= VALLEY_DECADES]
     if not separated:
-        return float(v.median())
+        return None
     a, b = sorted((first, separated[0]))
     valley_bin = a + int(torch.argmin(smooth[a : b + 1]))
-    width = (hi - lo) / bins
+    if float(smooth[valley_bin]) > VALLEY_DIP * min(float(smooth[a]), float(smooth[b])):
+        return None
     return float(10 ** (lo + (valley_bin + 0.5) * width))
 
 
@@ -156,7 +173,7 @@ def allocate(
     ratio: float | Mapping[str, float],
     strategy: str = "valley",
     budget: Budget | None = None,
-    max_group_ratio: float = 1.0,
+    max_group_ratio: float = MAX_GROUP_RATIO,
 ) -> Allocation:
     """Per-group |γ| thresholds for a total pruning proportion ``ratio`` (§4.2.2).
 
@@ -164,10 +181,8 @@ def allocate(
     ``valley`` and a mapping group name → ratio for ``explicit``. ``budget(thresholds) -> fraction`` measures
     what a set of thresholds removes; by default the fraction of γ entries below threshold.
 
-    ``max_group_ratio`` caps the share of any one group's γ below its threshold (``paper``/``valley``). Valley
-    thresholds assume the bimodal |γ| that sparse training makes; when a group's γ are all nearly equal (too
-    little sparse training), the shared scale can put the whole group under its threshold and empty a
-    backbone stage, which no fine-tuning recovers. The other groups then make up the total.
+    ``max_group_ratio`` caps the share of any one group's γ below its threshold (``paper``/``valley``); the
+    other groups then make up the total. 1.0 lifts the cap.
     """
     if not 0.0 < max_group_ratio <= 1.0:
         raise ValueError(f"max_group_ratio must be in (0, 1], got {max_group_ratio}")
@@ -212,15 +227,8 @@ def allocate(
         level = bisect(lambda q: measure(thresholds_at(q)), ratio, 0.0, 1.0)
         thresholds = thresholds_at(level)
     elif strategy == "valley":
-        valleys = {n: valley(values[n]) for n in names}
-        top = max(
-            (float(values[n].max()) / max(valleys[n], 1e-12) for n in names if values[n].numel()), default=1.0
-        )
-
-        def thresholds_at(scale: float) -> dict[str, float]:
-            return {n: min(scale * valleys[n], caps[n]) for n in names}
-
-        scale = bisect(lambda s: measure(thresholds_at(s)), ratio, 0.0, top * 1.01 + 1e-9)
+        thresholds_at = _valley_thresholds(groups, values, caps)
+        scale = bisect(lambda s: measure(thresholds_at(s)), ratio, 0.0, 2.0)
         thresholds = thresholds_at(scale)
     else:
         raise ValueError(f"unknown allocator {strategy!r}; choose from 'explicit', 'paper', 'valley'")
@@ -228,6 +236,40 @@ def allocate(
     achieved = measure(thresholds)
     warn_if_missed(achieved, ratio)
     return Allocation(thresholds, _ratios(values, thresholds), achieved, ratio, strategy)
+
+
+def _valley_thresholds(
+    groups: Sequence[Group], values: Mapping[str, torch.Tensor], caps: Mapping[str, float]
+) -> Callable[[float], dict[str, float]]:
+    """Thresholds of the ``valley`` strategy as a function of one position x in [0, 2] (non-decreasing).
+
+    First the channels sparse training marked redundant go: for x ≤ 1 every group with a valley
+    (:func:`find_valley`) has threshold x · valley, so x = 1 removes exactly the near-zero modes and nothing
+    else. Past that the remaining budget comes from Network Slimming's global |γ| ranking over every group: for
+    x > 1 one global threshold t, the (x − 1)-quantile of all |γ|, applies (never below a group's valley).
+    Groups without a valley are named in a warning: they lose channels only through that global ranking, since
+    nothing in their own |γ| says which of their channels are redundant.
+    """
+    names = [g.name for g in groups]
+    valleys = {n: find_valley(values[n]) for n in names}
+    missing = [n for n in names if valleys[n] is None and values[n].numel()]
+    if missing:
+        warnings.warn(
+            f"groups {missing} show no valley between a near-zero and an important |γ| mode (too little sparse "
+            "training, or no redundant channels); they are pruned by the global |γ| threshold only",
+            stacklevel=4,
+        )
+    pooled = torch.cat([v for v in values.values() if v.numel()]) if values else torch.empty(0)
+
+    def thresholds_at(x: float) -> dict[str, float]:
+        shared = quantile_threshold(pooled, x - 1.0) if x > 1.0 else 0.0
+        result = {}
+        for n in names:
+            own = valleys[n] or 0.0
+            result[n] = min(own * min(x, 1.0) if x <= 1.0 else max(own, shared), caps[n])
+        return result
+
+    return thresholds_at
 
 
 def warn_if_missed(achieved: float, requested: float) -> None:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import grouping
-from grouping import Group, allocate, groups_from_patterns, partition, quantile_threshold, valley
+from grouping import Group, allocate, find_valley, groups_from_patterns, partition, quantile_threshold
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,47 @@ def _bimodal(n_low, n_high, low, high, seed):
 
 def test_valley_sits_between_the_modes():
     values = _bimodal(600, 400, 1e-3, 0.5, 0)
-    v = valley(values)
+    v = find_valley(values)
     assert 1e-3 <= v <= 0.5
+
+
+def test_unimodal_gamma_has_no_valley():
+    generator = torch.Generator().manual_seed(0)
+    assert find_valley(1.0 + 0.015 * torch.randn(500, generator=generator)) is None
+    assert find_valley(torch.rand(500, generator=generator)) is None  # spread, but one mode
+
+
+def test_identical_unimodal_groups_get_the_requested_ratio_each_and_are_named_in_a_warning():
+    generator = torch.Generator().manual_seed(0)
+    values = [1.0 + 0.015 * torch.randn(n, generator=generator) for n in (200, 300, 400, 500, 600)]
+    groups, imps = _groups_with(values)
+    with pytest.warns(UserWarning, match=r"no valley.*global"):
+        alloc = allocate(groups, imps, 0.25, "valley")
+    assert abs(alloc.achieved - 0.25) <= 0.005
+    for name, ratio in alloc.ratios.items():
+        assert ratio == pytest.approx(0.25, abs=0.03), (name, alloc.ratios)
+
+
+def test_valley_groups_lose_their_near_zero_mode_first_then_the_global_ranking_takes_over():
+    groups, imps = _groups_with([_bimodal(300, 700, 1e-3, 0.5, 1), 0.5 * (1 + torch.rand(1000))])
+    with pytest.warns(UserWarning, match=r"\['g1'\]"):
+        below = allocate(groups, imps, 0.1, "valley")
+    assert below.ratios["g1"] == 0.0 and below.ratios["g0"] == pytest.approx(0.2, abs=0.01)
+    with pytest.warns(UserWarning):
+        above = allocate(groups, imps, 0.4, "valley")
+    assert above.ratios["g0"] > 0.3 and above.ratios["g1"] > 0.0
+    assert abs(above.achieved - 0.4) <= 0.005
+
+
+def test_automatic_allocators_never_empty_a_group():
+    # group 0's γ are all far below group 1's: one global threshold would take all of it
+    groups, imps = _groups_with([0.001 * (1 + torch.rand(300)), 1 + torch.rand(700)])
+    for strategy in ("valley", "paper"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            alloc = allocate(groups, imps, 0.4, strategy)
+        assert alloc.ratios["g0"] <= 0.9 + 1e-6, (strategy, alloc.ratios)
+        assert abs(alloc.achieved - 0.4) <= 0.005
 
 
 def test_valley_allocation_meets_budget_and_prunes_redundant_group_more():
@@ -116,13 +155,10 @@ def test_valley_allocation_meets_budget_and_prunes_redundant_group_more():
     assert alloc.ratios["g0"] > 0.8 and alloc.ratios["g1"] < 0.2
 
 
-def test_max_group_ratio_keeps_an_unsparsified_group_from_being_emptied():
-    # without sparse training every γ is close to 1: the tight group 0 falls under its threshold all at once
-    generator = torch.Generator().manual_seed(0)
-    tight = 1.0 + 0.001 * torch.randn(400, generator=generator)
-    spread = 1.0 + 0.3 * torch.randn(400, generator=generator)
-    groups, imps = _groups_with([tight, spread])
-    uncapped = allocate(groups, imps, 0.5, "valley")
+def test_max_group_ratio_caps_a_group_and_the_others_make_up_the_total():
+    # group 0 is almost all near zero: uncapped, valley takes 95 % of it
+    groups, imps = _groups_with([_bimodal(950, 50, 1e-3, 0.5, 3), _bimodal(100, 900, 1e-3, 0.5, 4)])
+    uncapped = allocate(groups, imps, 0.52, "valley", max_group_ratio=1.0)
     capped = allocate(groups, imps, 0.5, "valley", max_group_ratio=0.6)
     assert uncapped.ratios["g0"] > 0.9
     assert capped.ratios["g0"] == pytest.approx(0.6, abs=1e-6)

@@ -23,7 +23,7 @@ def grads_after_step(model, sparsity, epoch, total):
 
 def test_before_switch_every_gamma_gets_s_sign_gamma():
     model = two_bn_model()
-    sparsity = DynamicSparsity(model, s=1e-3, switch_at=0.5)
+    sparsity = DynamicSparsity(model, s=1e-3, switch_at=0.5, mechanism="eq3")
     g1, g3 = grads_after_step(model, sparsity, epoch=4, total=10)
     torch.testing.assert_close(g1, torch.tensor([1e-3, -1e-3, 1e-3, 1e-3]))
     torch.testing.assert_close(g3, torch.tensor([1e-3, -1e-3, 1e-3, 1e-3, 1e-3, 1e-3]))
@@ -32,7 +32,7 @@ def test_before_switch_every_gamma_gets_s_sign_gamma():
 def test_after_switch_the_largest_30_percent_decay_to_one_percent():
     # 10 channels, protect 0.3 → the 3 largest |γ| model-wide (0.9, 0.7, 0.6) get s * 0.01
     model = two_bn_model()
-    sparsity = DynamicSparsity(model, s=1e-3, switch_at=0.5, protect=0.3, decay=0.01)
+    sparsity = DynamicSparsity(model, s=1e-3, switch_at=0.5, protect=0.3, decay=0.01, mechanism="eq3")
     g1, g3 = grads_after_step(model, sparsity, epoch=5, total=10)
     torch.testing.assert_close(g1, torch.tensor([1e-3, -1e-3, 1e-3, 1e-5]))
     torch.testing.assert_close(g3, torch.tensor([1e-3, -1e-3, 1e-5, 1e-3, 1e-3, 1e-5]))
@@ -40,7 +40,7 @@ def test_after_switch_the_largest_30_percent_decay_to_one_percent():
 
 def test_step_adds_to_existing_gradient_and_reranks_each_epoch():
     model = two_bn_model()
-    sparsity = DynamicSparsity(model, s=1e-3, switch_at=0.0, protect=0.1, decay=0.0)
+    sparsity = DynamicSparsity(model, s=1e-3, switch_at=0.0, protect=0.1, decay=0.0, mechanism="eq3")
     model[1].weight.grad = torch.ones(4)
     model[3].weight.grad = None
     sparsity.step(0, 10)
@@ -54,7 +54,7 @@ def test_step_adds_to_existing_gradient_and_reranks_each_epoch():
 
 def test_constant_rate_is_switch_at_one():
     model = two_bn_model()
-    sparsity = DynamicSparsity(model, s=2e-3, switch_at=1.0)
+    sparsity = DynamicSparsity(model, s=2e-3, switch_at=1.0, mechanism="eq3")
     g1, _ = grads_after_step(model, sparsity, epoch=9, total=10)
     torch.testing.assert_close(g1, torch.tensor([2e-3, -2e-3, 2e-3, 2e-3]))
 
@@ -82,3 +82,79 @@ def test_rejects_models_without_batchnorm_and_bad_rates():
         DynamicSparsity(two_bn_model(), switch_at=1.5)
     with pytest.raises(ValueError, match="not affine BatchNorm layers"):
         DynamicSparsity(two_bn_model(), layers=["0"])
+    with pytest.raises(ValueError, match="unknown sparsity mechanism"):
+        DynamicSparsity(two_bn_model(), mechanism="l2")
+    with pytest.raises(ValueError, match="lr"):
+        DynamicSparsity(two_bn_model(), lr=0.0)
+
+
+def test_ties_at_the_cutoff_protect_exactly_k_channels():
+    model = nn.Sequential(nn.Conv2d(3, 128, 1), nn.BatchNorm2d(128))  # every γ = 1
+    sparsity = DynamicSparsity(model, s=1.0, switch_at=0.0, protect=0.3, decay=0.0)
+    rates = sparsity.rates(0, 10)["1"]
+    assert int((rates == 0.0).sum()) == round(0.3 * 128)
+
+
+class SignalAndNoise(nn.Module):
+    """16 BN channels: 8 computed from the inputs the target depends on, 8 from inputs it ignores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal = nn.Conv2d(4, 8, 3, padding=1)
+        self.noise = nn.Conv2d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.out = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        h = torch.cat([self.signal(x[:, :4]), self.noise(x[:, 4:])], 1)
+        return self.out(torch.relu(self.bn(h)))
+
+
+def train_signal_and_noise(mechanism, steps=300, s=None):
+    torch.manual_seed(0)
+    target_conv, target_out = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+    model = SignalAndNoise()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparsity = DynamicSparsity(model, s=s, switch_at=0.5, mechanism=mechanism, lr=0.01)
+    for step in range(steps):
+        x = torch.randn(16, 8, 8, 8)
+        with torch.no_grad():
+            y = target_out(torch.relu(target_conv(x[:, :4])))
+        loss = ((model(x) - y) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        sparsity.after_backward(step * 10 // steps, 10)
+        optimizer.step()
+    return model.bn.weight.detach().abs(), loss.item()
+
+
+def test_layer_relative_sparsity_zeroes_channels_without_signal_under_adamw():
+    gamma, loss = train_signal_and_noise("layer_relative")
+    assert (gamma[8:] < 1e-2).all(), gamma  # every channel fed by ignored inputs is driven to (exactly) zero
+    assert int((gamma[:8] > 0.1).sum()) >= 6, gamma  # the channels the target needs stay
+    assert loss < 0.02
+
+
+def test_eq3_under_adamw_leaves_gamma_dense():
+    """The measured failure that motivated layer_relative: Adam normalises the added s·sign(γ) away."""
+    gamma, _ = train_signal_and_noise("eq3", s=7.5e-4)
+    assert (gamma > 1e-2).float().mean() > 0.9, gamma
+
+
+def test_layer_relative_takes_gamma_out_of_the_optimiser_and_resumes_exactly():
+    model = two_bn_model()
+    sparsity = DynamicSparsity(model, s=0.5)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    sparsity.step(0, 10)
+    assert model[1].weight.grad is None and model[3].weight.grad is None
+    assert model[0].weight.grad is not None  # only γ is taken over
+    copy = two_bn_model()
+    copy.load_state_dict(model.state_dict())
+    restored = DynamicSparsity(copy, s=0.5)
+    restored.load_state_dict(sparsity.state_dict())
+    for m, hook in ((model, sparsity), (copy, restored)):
+        for p in m.parameters():
+            p.grad = torch.full_like(p, 0.3)
+        hook.step(1, 10)
+    torch.testing.assert_close(model[3].weight, copy[3].weight)
