@@ -1,12 +1,23 @@
 """Group spatial attention distillation (paper §4.3): forward-hook taps, the L_AT and L_soft losses, and a
 distiller that runs standalone or as a ``gcp.train.fit`` hook."""
 
-from distill.distiller import PAPER_BETAS, GroupAttentionDistiller, resolve_betas, yolo_output_adapter
+from distill.distiller import (
+    BALANCED_BETAS,
+    BALANCED_SOFT_WEIGHT,
+    PAPER_BETAS,
+    GroupAttentionDistiller,
+    TermLog,
+    resolve_betas,
+    yolo_output_adapter,
+)
 from distill.losses import attention_terms, soft_box_loss, soft_class_loss, spatial_attention
 from distill.taps import PAPER_TAP_STRIDES, AttentionTaps, auto_tap_layers
 
 __all__ = [
+    "BALANCED_BETAS",
+    "BALANCED_SOFT_WEIGHT",
     "PAPER_BETAS",
+    "TermLog",
     "PAPER_TAP_STRIDES",
     "AttentionTaps",
     "GroupAttentionDistiller",

@@ -7,7 +7,8 @@ ground truth. Both networks are only observed through forward hooks, so any stud
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -24,8 +25,14 @@ from distill.taps import AttentionTaps
 from gcp.loss import YoloLoss
 from gcp.models.postprocess import decode, split_levels
 
-# β_1..β_5 of paper §5.4, one per group, largest feature map first.
+# β_1..β_5 of paper §5.4, one per group, largest feature map first (for distance="mean_squared").
 PAPER_BETAS: tuple[float, ...] = (1000.0, 1000.0, 1000.0, 10000.0, 10000.0)
+# Defaults for distance="squared", set from measured gradient norms (docs/design.md, "Distillation balance"):
+# on the DigitScenes YOLOv4 pruned by 40 % of MACs each tap's term at β = 1 had a gradient norm of 170-265
+# and the detection loss 68, so β = 0.07 gives every scale the same weight and L_AT about L_hard's; the
+# soft terms (172 + 53 at weight 1) get 0.3 for the same reason.
+BALANCED_BETAS: tuple[float, ...] = (0.07, 0.07, 0.07, 0.07, 0.07)
+BALANCED_SOFT_WEIGHT = 0.3
 
 # One (class logits (B, k, C), boxes (B, k, 4) xyxy input pixels) pair per detection scale.
 ScalePredictions = list[tuple[torch.Tensor, torch.Tensor]]
@@ -95,22 +102,26 @@ class GroupAttentionDistiller:
         example_inputs: a batch the teacher can be traced with, to find the ``"auto"`` taps.
         taps: ``"auto"`` (one block output per stride 2, 4, 8, 16, 32 of the teacher's backbone, see
             :func:`distill.taps.auto_tap_layers`) or module names, largest scale first.
-        betas: per-tap weights, paper §5.4 by default; with fewer taps the last ``len(taps)`` are used.
+        betas: per-tap weights (:data:`BALANCED_BETAS` by default; :data:`PAPER_BETAS` are §5.4's, meant for
+            ``distance="mean_squared"``); with fewer taps the last ``len(taps)`` are used.
         temperature: T of eq. 10-11. The paper gives no value; 1.0 (no softening) is the default because with
             no T^2 factor in eq. 9 a higher T mostly just shrinks the class term.
-        soft_weight: weight of L_soft (both terms); the paper uses 1.
+        soft_weight: weight of L_soft (both terms); the paper uses 1, the default is measured (see betas).
         iou_threshold: teacher boxes with at least this IoU against a ground-truth box are the candidates of
             the box term (eq. 12).
         hard_loss: ``hard_loss(outputs, targets)`` returning a tensor or a dict with ``"total"``; default
             ``gcp.loss.YoloLoss(student)``. Only used by the standalone call.
         output_adapter: ``adapter(outputs) -> [(class_logits (B, k, C), boxes_xyxy_pixels (B, k, 4)), ...]``
             per scale, for detectors other than :mod:`gcp.models`; default :func:`yolo_output_adapter`.
-        distance: ``"mean_squared"`` or ``"norm"`` (see :func:`distill.losses.attention_terms`).
+        distance: ``"squared"`` (default, equal weight per scale), ``"mean_squared"`` (with the paper's β) or
+            ``"norm"`` (see :func:`distill.losses.attention_terms`).
         resize: an interpolation mode (e.g. ``"bilinear"``) to allow student maps of another size.
         batch_reduction: ``"sum"`` (default) multiplies the per-image means by the batch size, the convention
             of ``gcp.loss.YoloLoss`` (a sum over images), so the balance between distillation and hard loss
             does not depend on the batch size; ``"mean"`` keeps per-image means (for a hard loss that
             averages).
+        measure_every: every this many steps, measure each term's gradient norm (:class:`TermLog`, kept in
+            ``distiller.log.history`` per epoch); 0 never does.
     """
 
     def __init__(
@@ -120,15 +131,16 @@ class GroupAttentionDistiller:
         example_inputs: Any,
         *,
         taps: str | Sequence[str] = "auto",
-        betas: Sequence[float] = PAPER_BETAS,
+        betas: Sequence[float] = BALANCED_BETAS,
         temperature: float = 1.0,
-        soft_weight: float = 1.0,
+        soft_weight: float = BALANCED_SOFT_WEIGHT,
         iou_threshold: float = 0.5,
         hard_loss: Callable[[Any, Sequence[dict]], Any] | None = None,
         output_adapter: OutputAdapter | None = None,
-        distance: AttentionDistance = "mean_squared",
+        distance: AttentionDistance = "squared",
         resize: str | None = None,
         batch_reduction: BatchReduction = "sum",
+        measure_every: int = 50,
     ) -> None:
         _check_separate(teacher, student)
         if not temperature > 0:
@@ -141,6 +153,8 @@ class GroupAttentionDistiller:
             raise ValueError(f"batch_reduction must be 'sum' or 'mean', got {batch_reduction!r}")
         if distance not in ATTENTION_DISTANCES:
             raise ValueError(f"distance must be one of {ATTENTION_DISTANCES}, got {distance!r}")
+        if measure_every < 0:
+            raise ValueError(f"measure_every must be >= 0 (0: never measure gradients), got {measure_every}")
         self.teacher_adapter = output_adapter or yolo_output_adapter(teacher)
         self.student_adapter = output_adapter or yolo_output_adapter(student)
         self.hard_loss = hard_loss if hard_loss is not None else YoloLoss(student)
@@ -150,6 +164,8 @@ class GroupAttentionDistiller:
         self.distance = distance
         self.resize = resize
         self.batch_reduction = batch_reduction
+        self.measure_every = measure_every
+        self.log = TermLog()
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         self.teacher_taps = AttentionTaps(teacher, example_inputs, taps)
@@ -185,16 +201,28 @@ class GroupAttentionDistiller:
         try:
             teacher_outputs = self._run_teacher(images)
             batch_scale = images.shape[0] if self.batch_reduction == "sum" else 1
-            at = self._attention_loss(images.shape[0])
+            at_per_tap = self._attention_loss(images.shape[0]) * batch_scale
             soft_cls, soft_box = self._soft_losses(images, targets, teacher_outputs, outputs)
         finally:
             self.teacher_taps.clear()
             self.student_taps.clear()
-        return {
-            "at": at * batch_scale,
+        terms = {
+            "at": at_per_tap.sum(),
             "soft_cls": self.soft_weight * soft_cls * batch_scale,
             "soft_box": self.soft_weight * soft_box * batch_scale,
         }
+        parts = {f"at/{name}": value for name, value in zip(self.teacher_taps.names, at_per_tap)}
+        parts.update({"soft_cls": terms["soft_cls"], "soft_box": terms["soft_box"]})
+        measure = (
+            self.measure_every
+            and torch.is_grad_enabled()
+            and self.log.calls % self.measure_every == 0
+            and not _distributed()  # extra backwards would desynchronise DDP's gradient hooks
+        )
+        if measure and targets is not None:
+            parts["hard"] = _total(self.hard_loss(outputs, targets))
+        self.log.record(parts, self.student if measure else None)
+        return terms
 
     def _run_teacher(self, images: torch.Tensor) -> Any:
         parameter = next(self.teacher.parameters(), None)
@@ -227,7 +255,17 @@ class GroupAttentionDistiller:
             resize=self.resize,
             names=names,
         )
-        return terms.sum()
+        return terms
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any] | None = None) -> None:
+        """Close the epoch's term log: mean value and mean gradient norm of every term (:class:`TermLog`)."""
+        self.log.close_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"term_log": json.dumps(self.log.state())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log.load(json.loads(state["term_log"]))
 
     def _soft_losses(
         self,
@@ -266,6 +304,67 @@ class GroupAttentionDistiller:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class TermLog:
+    """Per-epoch record of each distillation term (every tap's share of L_AT apart) and of its gradient.
+
+    The balance between the five attention scales, L_soft and L_hard (eq. 4) is set by β and soft_weight;
+    whether a term actually steers the student is what its gradient norm with respect to the student's
+    parameters says, so every ``measure_every``-th step measures that norm for each term separately (one extra
+    backward per term; ``docs/design.md`` has the numbers that set the defaults). ``history`` holds one entry
+    per epoch: ``{"epoch", "values": {term: mean}, "grad_norms": {term: mean}, "steps", "measured"}``.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.history: list[dict[str, Any]] = []
+        self._values: dict[str, float] = {}
+        self._norms: dict[str, float] = {}
+        self._steps = 0
+        self._measured = 0
+
+    def record(self, parts: Mapping[str, torch.Tensor], student: nn.Module | None) -> None:
+        self.calls += 1
+        self._steps += 1
+        for name, value in parts.items():
+            if name != "hard":
+                self._values[name] = self._values.get(name, 0.0) + float(value.detach())
+        if student is None:
+            return
+        params = [p for p in student.parameters() if p.requires_grad]
+        self._measured += 1
+        for name, value in parts.items():
+            if not value.requires_grad:
+                norm = 0.0
+            else:
+                grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+                norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+            self._norms[name] = self._norms.get(name, 0.0) + norm
+
+    def close_epoch(self, epoch: int) -> None:
+        steps, measured = max(self._steps, 1), max(self._measured, 1)
+        self.history.append(
+            {
+                "epoch": epoch,
+                "values": {k: v / steps for k, v in self._values.items()},
+                "grad_norms": {k: v / measured for k, v in self._norms.items()},
+                "steps": self._steps,
+                "measured": self._measured,
+            }
+        )
+        self._values, self._norms, self._steps, self._measured = {}, {}, 0, 0
+
+    def state(self) -> dict[str, Any]:
+        return {"calls": self.calls, "history": self.history}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.calls = int(state["calls"])
+        self.history = list(state["history"])
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _check_separate(teacher: nn.Module, student: nn.Module) -> None:

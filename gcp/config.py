@@ -35,6 +35,7 @@ BUDGETS = ("channels", "params", "macs")
 COUPLINGS = ("vote", "mean", "max")
 SCHEDULES = ("dynamic", "constant")
 SPARSITY_MECHANISMS = ("layer_relative", "eq3")  # gcp.sparsity.MECHANISMS
+ATTENTION_DISTANCES = ("squared", "mean_squared", "norm")  # distill.losses.ATTENTION_DISTANCES
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_SPLITS = ("train", "val", "test")
 PRUNE_SOURCES = ("sparse", "trained")
@@ -177,11 +178,15 @@ class PruneConfig:
 @dataclass
 class DistillConfig(FitConfig):
     """Group spatial attention distillation (paper §4.3, eq. 4): the trained (unpruned) model teaches the
-    pruned one; ``betas`` weight the attention maps per group, largest map first (§5.4)."""
+    pruned one; ``betas`` weight the attention maps per group, largest map first (§5.4). The defaults (equal
+    β = 0.07 with ``distance: squared``, ``soft_weight`` 0.3) come from measured gradient norms, see
+    ``distill.BALANCED_BETAS``; the paper's own are ``[1000, 1000, 1000, 10000, 10000]`` with ``mean_squared``."""
 
-    betas: list[float] = option(factory=lambda: [1000.0, 1000.0, 1000.0, 10000.0, 10000.0])
+    betas: list[float] = option(factory=lambda: [0.07] * 5)  # distill.BALANCED_BETAS
     temperature: float = option(1.0, minimum=0.0, exclusive_minimum=True)
-    soft_weight: float = option(1.0, minimum=0.0)
+    soft_weight: float = option(0.3, minimum=0.0)  # distill.BALANCED_SOFT_WEIGHT
+    distance: str = option("squared", choices=ATTENTION_DISTANCES)
+    measure_every: int = option(50, minimum=0)
 
 
 @dataclass
@@ -214,10 +219,13 @@ class BenchConfig:
 
 @dataclass
 class DemoConfig:
-    """``gcp demo``: the starting (teacher) model file (null: the shipped ``gcp/assets/digits_teacher.pt``) and
+    """``gcp demo``: the starting (teacher) model file (null: the shipped ``gcp/assets/digits_teacher.pt``), the
+    model its sparse-training stage continues (``sparse_start``; null: the shipped ``gcp/assets/digits_sparse.pt``
+    that ``benchmarks/bench_method.py`` made from that teacher, ``teacher``: start from the teacher itself) and
     the pruning methods compared at the same budget."""
 
     teacher: str | None = option(None, path="file")
+    sparse_start: str | None = None
     methods: list[str] = option(factory=lambda: ["gcp", "slim", "thinet"], choices=PRUNE_METHODS)
 
 

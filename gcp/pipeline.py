@@ -45,6 +45,8 @@ from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 LOGGER = logging.getLogger(__name__)
 
 SHIPPED_TEACHER = Path(__file__).parent / "assets" / "digits_teacher.pt"
+#: Stage 1 of ``benchmarks/bench_method.py`` run on the shipped teacher (its command is in RESULTS.md).
+SHIPPED_SPARSE = Path(__file__).parent / "assets" / "digits_sparse.pt"
 MAKE_TEACHER_COMMAND = "python benchmarks/train_reference.py"
 RUN_MARKER = "gcp_run.json"
 PRUNED_STAGES = ("pruned", "finetuned", "distilled")
@@ -100,6 +102,9 @@ class RunDir:
 
     def prune_report(self, method: str) -> Path:
         return self.path / f"prune_{method}.json"
+
+    def distill_terms(self, method: str) -> Path:
+        return self.path / f"distill_terms_{method}.json"
 
     def fit_dir(self, stage: str) -> Path:
         return self.path / "fits" / stage
@@ -613,11 +618,14 @@ def distill_stage(ctx: Context, method: str, teacher: Path | None = None) -> Pat
             betas=settings.betas,
             temperature=settings.temperature,
             soft_weight=settings.soft_weight,
+            distance=settings.distance,
+            measure_every=settings.measure_every,
         )
         try:
             _fit(ctx, student, settings, run.fit_dir(f"distill_{method}"), hooks=[distiller])
         finally:
             distiller.close()
+        atomic_write_json(run.distill_terms(method), {"history": distiller.log.history})
         return save_pruned_like(student, pruned, run.distilled(method))
 
 
@@ -858,6 +866,19 @@ def import_teacher(ctx: Context, teacher: Path | None) -> Path:
     return save_model(model, ctx.run.trained)
 
 
+def sparse_start(ctx: Context, teacher: Path | None = None) -> Path | None:
+    """The model the demo's sparse training continues: ``demo.sparse_start``, else the shipped stage-1 model
+    (so 24 demo steps show what hundreds of steps make: bimodal γ); ``teacher`` or no shipped file: the
+    teacher itself (None)."""
+    chosen = ctx.config.demo.sparse_start
+    if chosen == "teacher":
+        return None
+    if chosen is not None:
+        return _require(Path(chosen), "demo.sparse_start names a model file (or 'teacher', or null)")
+    own_teacher = teacher is not None or ctx.config.demo.teacher is not None
+    return SHIPPED_SPARSE if SHIPPED_SPARSE.is_file() and not own_teacher else None
+
+
 def run_demo(ctx: Context, teacher: Path | None = None) -> dict[str, Any]:
     """The whole method on one config: teacher → sparse training → every ``demo.methods`` pruning at the same
     budget → fine-tuning vs GSA distillation → evaluation → ONNX export and latency → plots. Returns the
@@ -866,7 +887,7 @@ def run_demo(ctx: Context, teacher: Path | None = None) -> dict[str, Any]:
     with stage_log(ctx, "demo"):
         prepare_data(ctx.config)
         import_teacher(ctx, teacher)
-        sparse_train_stage(ctx)
+        sparse_train_stage(ctx, sparse_start(ctx, teacher))
         for method in ctx.config.demo.methods:
             prune_stage(ctx, method)
         for method in ctx.config.demo.methods:

@@ -189,8 +189,11 @@ class DynamicSparsity:
         rate = rate.to(gamma.device, gamma.dtype)
         square = float(gamma.pow(2).mean())
         contrast = float(gamma.abs().mean()) / square if square > 0 else 0.0
-        z = gamma - self.lr * data_step + self.lr * rate * contrast * gamma  # scale-invariant part, explicit
-        shrunk = torch.sign(z) * torch.clamp(z.abs() - self.lr * rate, min=0.0)  # L1 part, proximal
+        # push_i = s·(1 − |γ_i|·contrast), clipped at 0: channels below the layer's contrast point are shrunk,
+        # harder the further below; none is pushed up (growth would change Mish layers' function)
+        push = rate * torch.clamp(1.0 - gamma.abs() * contrast, min=0.0)
+        z = gamma - self.lr * data_step
+        shrunk = torch.sign(z) * torch.clamp(z.abs() - self.lr * push, min=0.0)  # proximal: exact zeros
         weight.data.copy_(shrunk.to(weight.dtype))
 
     def stats(self) -> dict[str, dict[str, float]]:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from distill import (
+    BALANCED_BETAS,
     PAPER_BETAS,
     AttentionTaps,
     GroupAttentionDistiller,
@@ -452,7 +453,7 @@ def test_other_detectors_work_through_an_output_adapter() -> None:
         hard_loss=lambda outputs, _targets: outputs["cls"].pow(2).mean(),
         iou_threshold=0.0,
     ) as distiller:
-        assert distiller.betas == (10000.0,)
+        assert distiller.betas == BALANCED_BETAS[-1:]
         terms = distiller(images(), targets())
     assert all(terms[name].item() > 0 for name in ("at", "soft_cls", "soft_box", "hard"))
 
@@ -528,3 +529,43 @@ def test_real_yolov4_student_pruned_by_torch_pruning_distils() -> None:
     assert all(torch.isfinite(value) for value in terms.values())
     assert terms["at"].item() > 0 and terms["soft_cls"].item() > 0
     assert any(p.grad is not None for p in student.backbone.stage1.parameters())
+
+
+def test_term_log_keeps_every_tap_and_each_terms_gradient_norm_per_epoch() -> None:
+    from gcp.train import fit
+
+    teacher = ToyDetector()
+    student = copy.deepcopy(teacher)
+    prune_half(student, images(), heads=list(student.heads))
+    with GroupAttentionDistiller(teacher, student, images(), measure_every=1) as distiller:
+        fit(student, BoxDataset(), epochs=2, batch_size=2, hooks=[distiller], progress=False, lr=1e-3)
+        state = distiller.state_dict()
+    history = distiller.log.history
+    assert [entry["epoch"] for entry in history] == [0, 1]
+    assert history[0]["steps"] == 2 and history[0]["measured"] == 2
+    taps = [f"at/{name}" for name in TOY_TAPS]
+    assert set(taps) | {"soft_cls", "soft_box"} <= set(history[0]["values"])
+    norms = history[0]["grad_norms"]
+    assert all(norms[name] > 0 for name in [*taps, "hard"]), norms
+    restored = GroupAttentionDistiller(teacher, copy.deepcopy(student), images())
+    restored.load_state_dict(state)
+    assert restored.log.history == history and restored.log.calls == 4
+    restored.close()
+
+
+def test_squared_distance_weighs_a_large_and_a_small_map_alike() -> None:
+    """The same relative change of attention costs the same at 64×64 as at 8×8 (mean_squared: 64× less)."""
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.rand(2, 4, size, size, generator=generator) + 0.5 for size in (64, 8)]
+    perturbed = [m * (1 + 0.3 * torch.rand(m.shape, generator=generator)) for m in maps]
+    squared = attention_terms(maps, perturbed, [1.0, 1.0], distance="squared")
+    mean_squared = attention_terms(maps, perturbed, [1.0, 1.0], distance="mean_squared")
+    assert squared[0] / squared[1] == pytest.approx(1.0, rel=0.5)
+    assert mean_squared[0] / mean_squared[1] < 0.05
+
+
+def test_attention_of_tiny_activations_is_still_a_unit_vector() -> None:
+    x = torch.rand(2, 4, 8, 8) + 0.1
+    tiny = spatial_attention(x * 1e-7)
+    assert tiny.norm(dim=1).tolist() == pytest.approx([1.0, 1.0])
+    torch.testing.assert_close(tiny, spatial_attention(x))
