@@ -78,9 +78,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stages", nargs="*", default=None, help=f"subset of {list(STAGES)}")
     parser.add_argument("--epochs-sparse", type=int, default=2, help="stage 1 epochs (3,000 images each)")
     parser.add_argument("--epochs-recover", type=int, default=2, help="stage 3 epochs")
-    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW lr of every training stage")
-    parser.add_argument("--s", type=float, default=0.5, help="sparsity rate (layer_relative)")
-    parser.add_argument("--gamma-lr", type=float, default=0.03, help="γ's own learning rate (layer_relative)")
+    parser.add_argument("--lr-sparse", type=float, default=1e-4, help="AdamW lr of stage 1 (and its control)")
+    parser.add_argument(
+        "--lr-recover", type=float, default=5e-4, help="AdamW lr of stage 3 (and its control)"
+    )
+    parser.add_argument("--s", type=float, default=1.0, help="sparsity rate (layer_relative)")
+    parser.add_argument("--gamma-lr", type=float, default=0.02, help="γ's own learning rate (layer_relative)")
     parser.add_argument("--tp-reg", type=float, default=5e-4, help="GroupNormPruner.regularize strength")
     parser.add_argument("--macs", type=float, default=0.4, help="share of MACs every method removes")
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
@@ -138,16 +141,19 @@ class Bench:
         return self.results[key]
 
     def train_model(
-        self, model: nn.Module, name: str, epochs: int, hooks: list | None = None
+        self, model: nn.Module, name: str, stage: str, hooks: list | None = None
     ) -> tuple[nn.Module, float]:
-        """``fit`` for ``epochs`` into ``out/fits/name`` (resuming its last epoch); returns model and minutes."""
+        """``fit`` with ``stage``'s ("sparse" or "recover") epochs and lr into ``out/fits/name`` (resuming its
+        last epoch); returns the model and the minutes it took."""
+        epochs = self.args.epochs_sparse if stage == "sparse" else self.args.epochs_recover
+        lr = self.args.lr_sparse if stage == "sparse" else self.args.lr_recover
         out_dir = self.out / "fits" / name
         start = time.perf_counter()
         fit(
             model,
             self.train,
             epochs=epochs,
-            lr=self.args.lr,
+            lr=lr,
             hooks=hooks or [],
             out_dir=out_dir,
             resume=(out_dir / "last.pt").is_file(),
@@ -166,10 +172,10 @@ def teacher_stage(bench: Bench) -> None:
     bench.score("teacher", load_model(SHIPPED_TEACHER))
 
 
-def _dense_stage(bench: Bench, key: str, source: Callable[[], nn.Module], epochs: int) -> None:
+def _dense_stage(bench: Bench, key: str, source: Callable[[], nn.Module], stage: str) -> None:
     if bench.path(f"{key}.pt").is_file():
         return
-    model, minutes = bench.train_model(source(), key, epochs)
+    model, minutes = bench.train_model(source(), key, stage)
     save_model(model, bench.path(f"{key}.pt"))
     bench.score(key, model, {"train_minutes": minutes})
 
@@ -177,10 +183,8 @@ def _dense_stage(bench: Bench, key: str, source: Callable[[], nn.Module], epochs
 def dense_stage(bench: Bench) -> None:
     """The control: the teacher trained on for stage 1's epochs (``dense_e1``, also torch-pruning magnitude's
     start), then stage 3's (``dense_same_epochs``), with the same settings and no pruning."""
-    _dense_stage(bench, "dense_e1", lambda: load_model(SHIPPED_TEACHER), bench.args.epochs_sparse)
-    _dense_stage(
-        bench, "dense_same_epochs", lambda: load_model(bench.path("dense_e1.pt")), bench.args.epochs_recover
-    )
+    _dense_stage(bench, "dense_e1", lambda: load_model(SHIPPED_TEACHER), "sparse")
+    _dense_stage(bench, "dense_same_epochs", lambda: load_model(bench.path("dense_e1.pt")), "recover")
 
 
 def _sparse_stage(bench: Bench, key: str, switch_at: float) -> None:
@@ -188,7 +192,7 @@ def _sparse_stage(bench: Bench, key: str, switch_at: float) -> None:
         return
     model = load_model(SHIPPED_TEACHER)
     hook = gcp.DynamicSparsity(model, s=bench.args.s, lr=bench.args.gamma_lr, switch_at=switch_at)
-    model, minutes = bench.train_model(model, key, bench.args.epochs_sparse, [hook])
+    model, minutes = bench.train_model(model, key, "sparse", [hook])
     hook.save_history(bench.path(f"{key}_history.json"))
     save_model(model, bench.path(f"{key}.pt"))
     bench.score(key, model, {"train_minutes": minutes, "sparse_fraction": sparse_fraction(model)})
@@ -223,7 +227,7 @@ def tp_sparse_stage(bench: Bench) -> None:
         def after_backward(self, epoch: int, total: int) -> None:
             pruner.regularize(model)
 
-    model, minutes = bench.train_model(model, "tp_sparse", bench.args.epochs_sparse, [Regularize()])
+    model, minutes = bench.train_model(model, "tp_sparse", "sparse", [Regularize()])
     save_model(model, bench.path("tp_sparse.pt"))
     bench.score("tp_sparse", model, {"train_minutes": minutes})
 
@@ -237,9 +241,12 @@ def prune_stage(bench: Bench) -> None:
     """Every method at the same MACs; gcp and slim also scored before any recovery (Table 10)."""
     for method in METHODS:
         path = bench.path(f"pruned_{method}.pt")
+        source = {"tp_groupnorm": "tp_sparse.pt", "tp_magnitude": "dense_e1.pt"}.get(method, "sparse.pt")
+        if not path.is_file() and not bench.path(source).is_file():
+            print(f"prune {method}: {source} is not there yet (run its stage first); skipped", flush=True)
+            continue
         if not path.is_file():
             if method.startswith("tp_"):
-                source = "tp_sparse.pt" if method == "tp_groupnorm" else "dense_e1.pt"
                 result = tp_prune(load_model(bench.path(source)), bench.example, method, bench.args)
             else:
                 model = load_model(bench.path("sparse.pt"))
@@ -275,12 +282,18 @@ def recover_stage(bench: Bench) -> None:
         if bench.path(f"{key}.pt").is_file():
             continue
         pruned = bench.path(f"pruned_{method}.pt")
+        if not pruned.is_file():
+            print(
+                f"recover {key}: {pruned.name} is not there yet (run the prune stage first); skipped",
+                flush=True,
+            )
+            continue
         student = load_model(pruned).train()
         hooks: list[Any] = []
         if recovery == "gsa":
             hooks = [GroupAttentionDistiller(load_model(bench.path("sparse.pt")), student, bench.example)]
         try:
-            student, minutes = bench.train_model(student, key, bench.args.epochs_recover, hooks)
+            student, minutes = bench.train_model(student, key, "recover", hooks)
         finally:
             for hook in hooks:
                 hook.close()
@@ -345,12 +358,12 @@ def tp_pruner(model: nn.Module, example: torch.Tensor, method: str, reg: float, 
 
 
 def tp_prune(model: nn.Module, example: torch.Tensor, method: str, args: argparse.Namespace) -> PruneResult:
-    """Step torch-pruning's pruner (0.5 % of channels a step) until ``args.macs`` of the MACs are gone."""
+    """Step torch-pruning's pruner (0.25 % of channels a step) until ``args.macs`` of the MACs are gone."""
     model.eval()
     base_macs, base_params = count_macs_params(model, example)
-    pruner = tp_pruner(model, example, method, args.tp_reg, steps=180)
+    pruner = tp_pruner(model, example, method, args.tp_reg, steps=360)
     macs = base_macs
-    for _ in range(180):
+    for _ in range(360):
         if 1 - macs / base_macs >= args.macs:
             break
         pruner.step()

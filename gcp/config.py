@@ -143,12 +143,12 @@ class SparsityConfig(FitConfig):
     fraction of channels with the largest |γ| decay to ``decay`` × s after ``switch_at`` of the epochs,
     ``constant`` is Network Slimming's fixed rate. ``mechanism`` is ``layer_relative`` (γ trained by the hook
     with its own ``gamma_lr``; works under AdamW) or ``eq3`` (the paper's literal subgradient, for SGD); ``s``
-    null takes the mechanism's default (0.5 relative, 7.5e-4 for eq3), see ``gcp.DynamicSparsity``."""
+    null takes the mechanism's default (1.0 relative, 7.5e-4 for eq3), see ``gcp.DynamicSparsity``."""
 
     schedule: str = option("dynamic", choices=SCHEDULES)
     mechanism: str = option("layer_relative", choices=SPARSITY_MECHANISMS)
     s: float | None = option(None, minimum=0.0)
-    gamma_lr: float = option(0.01, minimum=0.0, exclusive_minimum=True)
+    gamma_lr: float = option(0.02, minimum=0.0, exclusive_minimum=True)
     switch_at: float = option(0.5, minimum=0.0, maximum=1.0)
     protect: float = option(0.3, minimum=0.0, maximum=1.0)
     decay: float = option(0.01, minimum=0.0, maximum=1.0)

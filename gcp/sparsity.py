@@ -19,9 +19,11 @@ Two mechanisms apply that schedule (``docs/design.md``, "Sparse training", has t
      not per channel as in Adam), so channels compete with the other channels of their layer in units of the
      layer's typical gradient, and one dimensionless s means the same in the stem and in the stride-32 stage
      whose gradients are 1000× smaller;
-  2. the L1 term is divided by the layer's RMS |γ| (Hoyer's ‖γ‖₁/‖γ‖₂, scale-invariant): its gradient,
-     rescaled to γ's units, is s·(sign γ_i − γ_i·mean|γ|/mean γ²), zero for a uniform layer, pushing channels
-     below the layer's contrast point down and those above it up, keeping the layer's norm;
+  2. the L1 term is made scale-invariant by measuring each |γ_i| against its layer's contrast point
+     c = mean γ² / mean|γ| (Hoyer's ‖γ‖₁/‖γ‖₂ has its zero-gradient point there): channel i is pushed
+     towards zero at the rate s_i·max(0, 1 − |γ_i| / c). A layer of equal γ gets no push at all, however
+     large or small, and the channels furthest below their layer's contrast point get the full rate;
+     nothing is pushed up (growing γ would change what the Mish layers compute);
   3. the sign part is applied as a soft threshold (proximal L1), so unneeded channels reach exactly 0.
 """
 
@@ -44,7 +46,7 @@ SPARSE_BELOW = 1e-2
 MECHANISMS = ("layer_relative", "eq3")
 #: Default s per mechanism: the paper's 7.5e-4 for eq. 3; for ``layer_relative`` s is relative to each layer's
 #: gradient RMS (see ``docs/design.md`` for how 0.5 was chosen).
-DEFAULT_S = {"eq3": 7.5e-4, "layer_relative": 0.5}
+DEFAULT_S = {"eq3": 7.5e-4, "layer_relative": 1.0}
 BETAS = (0.9, 0.99)  # data-gradient momentum and the per-layer gradient-RMS average (layer_relative)
 
 
@@ -73,7 +75,7 @@ class DynamicSparsity:
         layers: Iterable[str] | None = None,
         groups: Sequence[Group] | None = None,
         mechanism: str = "layer_relative",
-        lr: float = 0.01,
+        lr: float = 0.02,
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown sparsity mechanism {mechanism!r}; choose from {MECHANISMS}")
@@ -175,12 +177,8 @@ class DynamicSparsity:
         grad = weight.grad.detach().float() if weight.grad is not None else torch.zeros_like(gamma)
         weight.grad = None  # the optimiser must not also move γ (nor decay it)
         beta1, beta2 = BETAS
-        momentum = self._momentum.get(name)
-        momentum = (
-            grad.clone()
-            if momentum is None
-            else momentum.to(grad.device).mul_(beta1).add_(grad, alpha=1 - beta1)
-        )
+        momentum = self._momentum.get(name, torch.zeros_like(grad)).to(grad.device)
+        momentum.mul_(beta1).add_(grad, alpha=1 - beta1)  # from zero, as the bias correction below assumes
         self._momentum[name] = momentum
         mean_square = beta2 * self._mean_square.get(name, 0.0) + (1 - beta2) * float(grad.pow(2).mean())
         self._mean_square[name] = mean_square
