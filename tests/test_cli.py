@@ -273,3 +273,25 @@ def test_demo_without_teacher_says_how_to_make_one(tiny_config: Path, tmp_path: 
     missing = tmp_path / "teacher.pt"
     assert gcp(tiny_config, tmp_path / "demo", "demo", "--teacher", str(missing)) == 2
     assert "python benchmarks/train_reference.py" in capsys.readouterr().err
+
+
+def test_demo_sparse_start_is_the_shipped_stage1_model_only_for_the_shipped_teacher(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from gcp.pipeline import SHIPPED_SPARSE, RunError, sparse_start
+
+    def ctx(sparse=None, teacher=None):
+        return SimpleNamespace(
+            config=SimpleNamespace(demo=SimpleNamespace(sparse_start=sparse, teacher=teacher))
+        )
+
+    shipped = SHIPPED_SPARSE if SHIPPED_SPARSE.is_file() else None
+    assert sparse_start(ctx()) == shipped
+    assert sparse_start(ctx(), teacher=tmp_path / "mine.pt") is None  # the user's own teacher: start from it
+    assert sparse_start(ctx(teacher="mine.pt")) is None
+    assert sparse_start(ctx(sparse="teacher")) is None
+    own = tmp_path / "sparse.pt"
+    own.write_bytes(b"x")
+    assert sparse_start(ctx(sparse=str(own))) == own
+    with pytest.raises(RunError, match="demo.sparse_start"):
+        sparse_start(ctx(sparse=str(tmp_path / "missing.pt")))

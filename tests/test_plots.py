@@ -31,7 +31,7 @@ def assert_png(path, figure):
 
 def sparse_history(model, groups, switch_at, epochs=4, with_map=True):
     """A real DynamicSparsity history: γ shrunk by the penalty each epoch, as sparse training would."""
-    sparsity = DynamicSparsity(model, s=0.1, switch_at=switch_at, groups=groups)
+    sparsity = DynamicSparsity(model, s=0.1, switch_at=switch_at, groups=groups, mechanism="eq3")
     for epoch in range(epochs):
         for norm in sparsity.norms.values():
             norm.weight.grad = None
