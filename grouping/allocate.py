@@ -13,9 +13,9 @@ Three strategies:
   come from this formula, which is why ``valley`` exists.
 * ``valley``: each group's threshold is placed at the valley between the near-zero mode and the important mode
   of its own |γ| distribution (what dynamic sparse training produces, Fig. 9), so each group loses what sparse
-  training marked redundant in it; a budget beyond that comes from one global |γ| threshold. Groups without
-  a valley get only the global threshold (and a warning). One position is found by bisection so that the total
-  meets the budget (see :func:`_valley_thresholds`).
+  training marked redundant in it; a budget beyond that takes the same share of every group's surviving
+  channels, ranked inside the group. Groups without a valley (and a warning names them) lose only that share.
+  One position is found by bisection so that the total meets the budget (see :func:`_valley_thresholds`).
 
 The automatic strategies (``paper``, ``valley``) never take more than ``max_group_ratio`` (default
 :data:`MAX_GROUP_RATIO`) of one group's γ: a group emptied of its channels is a backbone stage no fine-tuning
@@ -245,10 +245,12 @@ def _valley_thresholds(
 
     First the channels sparse training marked redundant go: for x ≤ 1 every group with a valley
     (:func:`find_valley`) has threshold x · valley, so x = 1 removes exactly the near-zero modes and nothing
-    else. Past that the remaining budget comes from Network Slimming's global |γ| ranking over every group: for
-    x > 1 one global threshold t, the (x − 1)-quantile of all |γ|, applies (never below a group's valley).
-    Groups without a valley are named in a warning: they lose channels only through that global ranking, since
-    nothing in their own |γ| says which of their channels are redundant.
+    else. Past that every group also loses the same fraction x − 1 of its surviving channels (those above its
+    valley), weakest |γ| first inside the group: the groups' shares stay ordered by how much sparse training
+    found redundant in each, and |γ| is never compared across groups, whose scales need not agree (with
+    ``gcp.DynamicSparsity``'s layer-relative penalty they are not calibrated against each other; comparing
+    them globally is Network Slimming, ``method="slim"``). A group without a valley has no near-zero mode, so
+    all its channels count as survivors, and a warning names it.
     """
     names = [g.name for g in groups]
     valleys = {n: find_valley(values[n]) for n in names}
@@ -256,17 +258,21 @@ def _valley_thresholds(
     if missing:
         warnings.warn(
             f"groups {missing} show no valley between a near-zero and an important |γ| mode (too little sparse "
-            "training, or no redundant channels); they are pruned by the global |γ| threshold only",
+            "training, or no redundant channels); they lose only the share every group gives up beyond its "
+            "near-zero mode",
             stacklevel=4,
         )
-    pooled = torch.cat([v for v in values.values() if v.numel()]) if values else torch.empty(0)
+    survivors = {n: values[n][values[n] >= (valleys[n] or 0.0)] for n in names}
 
     def thresholds_at(x: float) -> dict[str, float]:
-        shared = quantile_threshold(pooled, x - 1.0) if x > 1.0 else 0.0
         result = {}
         for n in names:
             own = valleys[n] or 0.0
-            result[n] = min(own * min(x, 1.0) if x <= 1.0 else max(own, shared), caps[n])
+            if x <= 1.0:
+                threshold = own * x
+            else:
+                threshold = max(own, quantile_threshold(survivors[n], x - 1.0)) if survivors[n].numel() else own
+            result[n] = min(threshold, caps[n])
         return result
 
     return thresholds_at
