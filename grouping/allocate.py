@@ -271,7 +271,9 @@ def _valley_thresholds(
             if x <= 1.0:
                 threshold = own * x
             else:
-                threshold = max(own, quantile_threshold(survivors[n], x - 1.0)) if survivors[n].numel() else own
+                threshold = (
+                    max(own, quantile_threshold(survivors[n], x - 1.0)) if survivors[n].numel() else own
+                )
             result[n] = min(threshold, caps[n])
         return result
 
