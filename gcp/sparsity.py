@@ -45,7 +45,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SPARSE_BELOW = 1e-2
 MECHANISMS = ("layer_relative", "eq3")
 #: Default s per mechanism: the paper's 7.5e-4 for eq. 3; for ``layer_relative`` s is relative to each layer's
-#: gradient RMS (see ``docs/design.md`` for how 0.5 was chosen).
+#: gradient RMS (1.0 with lr 0.02 is what ``benchmarks/bench_method.py`` runs; ``docs/design.md`` has the probes).
 DEFAULT_S = {"eq3": 7.5e-4, "layer_relative": 1.0}
 BETAS = (0.9, 0.99)  # data-gradient momentum and the per-layer gradient-RMS average (layer_relative)
 
