@@ -84,6 +84,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--s", type=float, default=1.0, help="sparsity rate (layer_relative)")
     parser.add_argument("--gamma-lr", type=float, default=0.02, help="γ's own learning rate (layer_relative)")
+    parser.add_argument(
+        "--gamma-schedule",
+        choices=("follow", "constant"),
+        default="constant",
+        help="γ's lr follows the network's warm-up/cosine schedule, or stays constant (layer_relative)",
+    )
     parser.add_argument("--tp-reg", type=float, default=5e-4, help="GroupNormPruner.regularize strength")
     parser.add_argument("--macs", type=float, default=0.4, help="share of MACs every method removes")
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
@@ -106,10 +112,29 @@ class Bench:
         self.example = torch.zeros(1, 3, SIZE, SIZE)
         # Measurements are kept beside RESULTS.md (committed), the models in the run directory: a later session
         # on a fresh checkout re-runs only the stages whose measurements are missing.
-        self.results_path = JSON_OUT.parent / f"method_cpu_measurements_seed{args.seed}.json"
+        # A run with its own --out (a probe with other settings) keeps its measurements there instead.
+        self.results_path = (
+            self.out / "measurements.json"
+            if args.out
+            else JSON_OUT.parent / f"method_cpu_measurements_seed{args.seed}.json"
+        )
         self.results: dict[str, Any] = (
             json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
         )
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """Measurements made with other settings must not be mixed into one table: the first run records its
+        settings, and a later run with different ones stops (use another --out, or delete the file)."""
+        settings = {k: v for k, v in vars(self.args).items() if k not in ("stages", "out")}
+        recorded = self.results.setdefault("settings", settings)
+        changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
+        if changed:
+            raise SystemExit(
+                f"{self.results_path} holds measurements made with other settings "
+                f"({', '.join(f'{k}: {old} there, {new} now' for k, (old, new) in changed.items())}); "
+                "run with the same options, give another --out, or delete that file to start over"
+            )
 
     def save(self) -> None:
         atomic_write_json(self.results_path, self.results)
@@ -193,7 +218,13 @@ def _sparse_stage(bench: Bench, key: str, switch_at: float) -> None:
     if bench.path(f"{key}.pt").is_file() or bench.done(key):
         return
     model = load_model(SHIPPED_TEACHER)
-    hook = gcp.DynamicSparsity(model, s=bench.args.s, lr=bench.args.gamma_lr, switch_at=switch_at)
+    hook = gcp.DynamicSparsity(
+        model,
+        s=bench.args.s,
+        lr=bench.args.gamma_lr,
+        switch_at=switch_at,
+        follow_schedule=bench.args.gamma_schedule == "follow",
+    )
     model, minutes = bench.train_model(model, key, "sparse", [hook])
     hook.save_history(bench.path(f"{key}_history.json"))
     save_model(model, bench.path(f"{key}.pt"))
@@ -283,8 +314,9 @@ def prune_stage(bench: Bench) -> None:
 
 
 def recover_stage(bench: Bench) -> None:
-    """Stage 3: gcp with GSA (teacher: the sparse-trained, unpruned model it was cut from) and every method with
-    fine-tuning, for the same epochs."""
+    """Stage 3: gcp with GSA and every method with fine-tuning, for the same epochs. GSA's teacher is the original
+    network (the shipped teacher), as in the paper (§5.4) and ``gcp distill``: the sparse-trained model it was cut
+    from scores lower than the teacher here, and a student learns less from a weaker teacher."""
     runs = [("gcp", "gsa")] + [(m, "ft") for m in METHODS]
     for method, recovery in runs:
         key = f"{method}_{recovery}"
@@ -300,7 +332,7 @@ def recover_stage(bench: Bench) -> None:
         student = load_model(pruned).train()
         hooks: list[Any] = []
         if recovery == "gsa":
-            hooks = [GroupAttentionDistiller(load_model(bench.path("sparse.pt")), student, bench.example)]
+            hooks = [GroupAttentionDistiller(load_model(SHIPPED_TEACHER), student, bench.example)]
         try:
             student, minutes = bench.train_model(student, key, "recover", hooks)
         finally:
@@ -412,7 +444,7 @@ def write_report(bench: Bench) -> None:
                 "map": r[key]["map"],
             }
         )
-    minutes = sum(v.get("train_minutes", 0.0) for v in r.values() if isinstance(v, dict))
+    minutes = sum(v.get("train_minutes", 0.0) for k, v in r.items() if k != "settings")
     payload = {
         "teacher_map50": teacher.get("map50"),
         "dense_same_epochs_map50": r.get("dense_same_epochs", {}).get("map50"),
@@ -429,7 +461,7 @@ def write_report(bench: Bench) -> None:
         "seed": bench.args.seed,
         "commit": git_revision(),
         "machine": machine(),
-        "settings": {k: v for k, v in vars(bench.args).items() if k not in ("stages", "out")},
+        "settings": r["settings"],
     }
     JSON_OUT.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(JSON_OUT, payload)
@@ -447,7 +479,9 @@ def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
     lines = [
         f"Command: `python benchmarks/bench_method.py --seed {payload['seed']}` ({now()}, commit {payload['commit']},"
         f" {payload['machine']}); training minutes so far {payload['minutes']:.1f}. Settings: {json.dumps(args)}.",
-        "mAP@0.5 is pycocotools' 101-point interpolation on the 500-image DigitScenes test split.",
+        "mAP@0.5 is pycocotools' 101-point interpolation on the 500-image DigitScenes test split. GSA's teacher is"
+        " the shipped teacher (the paper's original network, §5.4). Other stage-1 settings tried with this"
+        ' command are in docs/design.md ("Sparse training").',
         "",
         "| model | mAP@0.5 | mAP@0.5:0.95 | params cut | MACs cut | paper (VOC) |",
         "|---|---|---|---|---|---|",

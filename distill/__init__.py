@@ -11,7 +11,7 @@ from distill.distiller import (
     yolo_output_adapter,
 )
 from distill.losses import attention_terms, soft_box_loss, soft_class_loss, spatial_attention
-from distill.taps import PAPER_TAP_STRIDES, AttentionTaps, auto_tap_layers
+from distill.taps import PAPER_TAP_STRIDES, AttentionTaps, auto_tap_layers, tap_strides
 
 __all__ = [
     "BALANCED_BETAS",
@@ -27,5 +27,6 @@ __all__ = [
     "soft_box_loss",
     "soft_class_loss",
     "spatial_attention",
+    "tap_strides",
     "yolo_output_adapter",
 ]

@@ -100,8 +100,9 @@ class GroupAttentionDistiller:
         teacher, student: detectors; the student may have fewer channels (any pruning method), but the tapped
             modules must keep their names and their spatial sizes.
         example_inputs: a batch the teacher can be traced with, to find the ``"auto"`` taps.
-        taps: ``"auto"`` (one block output per stride 2, 4, 8, 16, 32 of the teacher's backbone, see
-            :func:`distill.taps.auto_tap_layers`) or module names, largest scale first.
+        taps: ``"auto"`` (one block output per backbone stride of :func:`distill.taps.tap_strides`: 2 to 32,
+            4 to 32 for Darknet53-YOLOv3 as in §6.3; see :func:`distill.taps.auto_tap_layers`) or module
+            names, largest scale first.
         betas: per-tap weights (:data:`BALANCED_BETAS` by default; :data:`PAPER_BETAS` are §5.4's, meant for
             ``distance="mean_squared"``); with fewer taps the last ``len(taps)`` are used.
         temperature: T of eq. 10-11. The paper gives no value; 1.0 (no softening) is the default because with

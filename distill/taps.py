@@ -1,7 +1,9 @@
 """Forward hooks capturing the feature maps that group spatial attention is computed from (§4.3.1, Fig. 6).
 
 The paper distils one feature map per group, at the five scales 208, 104, 52, 26 and 13 of a 416x416 input,
-i.e. output strides 2, 4, 8, 16 and 32 of the backbone (§5.4, §6.3). The taps only *observe* a model through
+i.e. output strides 2, 4, 8, 16 and 32 of the backbone (§5.4; §6.3 for MobileNet-YOLOv3), and at the four
+scales 104 to 13 for Darknet53-YOLOv3 (§6.3). The stride-32 map is the last one of Group3, YOLOv4's SPP output
+(darknet layer 116, §5.3). The taps only *observe* a model through
 forward hooks, so they work on any detector and on students pruned by any method: pruning changes channel
 counts, never module names, which is why a student's taps are made from its teacher's tap names.
 """
@@ -10,12 +12,20 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from grouping.trace import ForwardFn, LayerTrace, trace_layers
+from grouping.trace import (
+    ForwardFn,
+    LayerTrace,
+    direct_nodes,
+    first_image_tensor,
+    output_stride,
+    run_forward,
+)
 
 # Output strides of the five groups' feature maps (paper §5.4: 208..13 px maps of a 416 px input).
 PAPER_TAP_STRIDES: tuple[int, ...] = (2, 4, 8, 16, 32)
@@ -24,7 +34,8 @@ PAPER_TAP_STRIDES: tuple[int, ...] = (2, 4, 8, 16, 32)
 class AttentionTaps:
     """Capture, on every forward pass, the output of a few named modules of ``model``.
 
-    ``layers="auto"`` picks one module per stride in ``strides`` (see :func:`auto_tap_layers`); a list of
+    ``layers="auto"`` picks one module per stride in ``strides`` (default :func:`tap_strides`: the model's
+    ``attention_strides``, else the paper's five; see :func:`auto_tap_layers`); a list of
     module names overrides it and keeps the given order (give them largest scale first, which is the order the
     default β of :class:`distill.GroupAttentionDistiller` assume). ``example_inputs`` are only used by
     ``"auto"``.
@@ -41,7 +52,7 @@ class AttentionTaps:
         example_inputs: Any = None,
         layers: str | Sequence[str] = "auto",
         *,
-        strides: Sequence[int] = PAPER_TAP_STRIDES,
+        strides: Sequence[int] | None = None,
         forward_fn: ForwardFn | None = None,
     ) -> None:
         if isinstance(layers, str):
@@ -118,25 +129,38 @@ class AttentionTaps:
         return f"AttentionTaps({list(self.names)})"
 
 
+def tap_strides(model: nn.Module) -> tuple[int, ...]:
+    """The strides ``"auto"`` taps: the model's own ``attention_strides`` when it declares them (Darknet53-YOLOv3
+    is distilled at four scales in §6.3), else the paper's five (§5.4)."""
+    return tuple(getattr(model, "attention_strides", PAPER_TAP_STRIDES))
+
+
 def auto_tap_layers(
     model: nn.Module,
     example_inputs: Any,
-    strides: Sequence[int] = PAPER_TAP_STRIDES,
+    strides: Sequence[int] | None = None,
     forward_fn: ForwardFn | None = None,
 ) -> list[LayerTrace]:
-    """The five groups' feature maps: for each stride in ``strides``, the last module (execution order) whose
-    output has that stride, within the part of the network that runs before the stride first decreases (the
-    first upsample, i.e. the backbone plus whatever runs at its coarsest scale before the top-down neck).
+    """The groups' feature maps (§4.3.1, Fig. 6): for each stride in ``strides`` (default
+    :func:`tap_strides`), the output of the last block (execution order) at that stride in the backbone.
+
+    The backbone is what runs before the stride first decreases (the first upsample), minus what only feeds
+    that upsample: §5.3 ends Group3 at YOLOv4's SPP output (darknet layer 116), not at the CBL after it
+    (layer 117, the first layer of Group4), so a module qualifies only if its output reaches a model output
+    along some path without an upsample (:func:`grouping.trace.direct_nodes`).
 
     Every named submodule is a candidate, not only leaves: a container finishes after its children, so the
     winner is the output of a whole block (a CSP stage after its fusion, a Darknet stage after its last
-    residual add) rather than a raw convolution. Modules whose output is not a single (B, C, H, W) tensor (a
-    backbone returning three maps) and modules called more than once (a shared activation, whose captured
-    output would be ambiguous) are skipped. Strides absent from the backbone are simply missing (§6.3: four
-    taps for Darknet53-YOLOv3 in the paper). The model is traced in eval mode, so BatchNorm statistics are not
-    touched, and its train/eval flags are restored afterwards.
+    residual add) rather than a raw convolution. A module inside a block that starts at its stride and ends
+    at a coarser one is that block's intermediate, not a block output: MobileNetV2's expansion 1x1 runs at
+    the previous block's stride, before the block's stride-2 depthwise conv, and is skipped. Modules whose
+    output is not a single (B, C, H, W) tensor (a backbone returning three maps) and modules called more than
+    once (a shared activation, whose captured output would be ambiguous) are skipped too. Strides absent from
+    the backbone are simply missing. The model is traced in eval mode, so BatchNorm statistics are not
+    touched, and its train/eval and requires_grad flags are restored afterwards.
     """
-    traces = _trace_single_map_modules(model, example_inputs, forward_fn)
+    strides = tap_strides(model) if strides is None else tuple(strides)
+    traces = _trace_block_outputs(model, example_inputs, forward_fn)
     backbone = _before_first_stride_decrease(traces)
     chosen = {trace.stride: trace for trace in backbone if trace.stride in set(strides)}
     if not chosen:
@@ -147,30 +171,81 @@ def auto_tap_layers(
     return [chosen[stride] for stride in sorted(chosen)]
 
 
-def _trace_single_map_modules(
+@dataclass
+class _Call:
+    """What a module's forward hook saw: how often it ran, its first output's autograd node and strides."""
+
+    calls: int = 0
+    single_map: bool = False
+    grad_fn: Any = None
+    in_stride: int = 0
+    trace: LayerTrace | None = None
+
+
+def _trace_block_outputs(
     model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None
 ) -> list[LayerTrace]:
-    """``trace_layers`` over every named submodule, keeping those called once with a single 4-D output."""
-    candidates = [(name, module) for name, module in model.named_modules() if name]
-    calls: dict[nn.Module, int] = {}
-    single_map: set[nn.Module] = set()
+    """One grad-enabled eval forward hooking every named submodule; the tap candidates in execution order."""
+    candidates = {module: name for name, module in model.named_modules() if name}
+    input_hw = tuple(first_image_tensor(example_inputs).shape[-2:])
+    seen: dict[nn.Module, _Call] = {}
 
-    def record(module: nn.Module, _inputs: Any, output: Any) -> None:
-        calls[module] = calls.get(module, 0) + 1
-        if isinstance(output, torch.Tensor) and output.dim() == 4:
-            single_map.add(module)
+    def record(module: nn.Module, inputs: Any, output: Any) -> None:
+        call = seen.setdefault(module, _Call())
+        call.calls += 1
+        if call.calls > 1:
+            return
+        call.single_map = isinstance(output, torch.Tensor) and output.dim() == 4
+        call.grad_fn = output.grad_fn if isinstance(output, torch.Tensor) else None
+        call.in_stride = output_stride(inputs, input_hw)[0]
+        stride, shape = output_stride(output, input_hw)
+        call.trace = LayerTrace(
+            candidates[module], type(module).__name__, len(seen) - 1, stride, shape, module
+        )
 
-    handles = [module.register_forward_hook(record) for _, module in candidates]
+    handles = [module.register_forward_hook(record) for module in candidates]
     training = {module: module.training for module in model.modules()}
+    # A frozen teacher (requires_grad=False) would build no autograd graph to follow back from the outputs.
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
         model.eval()
-        traces = trace_layers(model, example_inputs, forward_fn, modules=[m for _, m in candidates])
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        with torch.enable_grad():
+            outputs = run_forward(model, example_inputs, forward_fn)
+        direct = direct_nodes(outputs)
     finally:
         for handle in handles:
             handle.remove()
         for module, flag in training.items():
             module.training = flag
-    return [t for t in traces if t.module in single_map and calls.get(t.module) == 1 and t.stride > 0]
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+    by_name = {candidates[module]: call for module, call in seen.items()}
+
+    def inside_downsampling_block(name: str, stride: int) -> bool:
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            parent = by_name.get(".".join(parts[:depth]))
+            if (
+                parent is not None
+                and parent.trace is not None
+                and parent.in_stride == stride < parent.trace.stride
+            ):
+                return True
+        return False
+
+    kept = [
+        call.trace
+        for call in seen.values()
+        if call.trace is not None
+        and call.calls == 1
+        and call.single_map
+        and call.trace.stride > 0
+        and call.grad_fn in direct
+        and not inside_downsampling_block(call.trace.name, call.trace.stride)
+    ]
+    return sorted(kept, key=lambda trace: trace.order)
 
 
 def _before_first_stride_decrease(traces: Sequence[LayerTrace]) -> list[LayerTrace]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import DEFAULT_CONFIG, PRUNE_METHODS, ConfigError, load_config, resolve_config_path
+from .config import BUDGETS, DEFAULT_CONFIG, PRUNE_METHODS, ConfigError, load_config, resolve_config_path
 from .data import DatasetError
 from .pipeline import (
     Context,
@@ -32,6 +32,7 @@ from .pipeline import (
     sparse_train_stage,
     train_stage,
 )
+from .serialize import ModelFileError
 
 EPILOG = """\
 stages and the files they hand over (all inside --run-dir):
@@ -42,11 +43,14 @@ stages and the files they hand over (all inside --run-dir):
   gcp distill        pruned_<method>.pt + trained.pt (teacher) -> distilled_<method>.pt
   gcp eval | export | bench | plot   model files -> report.json, export/, plots/
   gcp demo           all of the above on DigitScenes, starting from the shipped teacher
+  (model.name: ultralytics: every file is an Ultralytics checkpoint, trained.pt is model.weights imported,
+  and every training stage runs Ultralytics' trainer on data.yaml; see the packaged config ultralytics)
 
 examples:
   gcp demo
   gcp train --config paper_yolov4_voc --set data.root=/data/VOCdevkit --run-dir runs/voc
   gcp prune --config paper_yolov4_voc --run-dir runs/voc --method slim --ratio 0.4
+  gcp sparse-train --config ultralytics --set data.yaml=data.yaml --set model.weights=best.pt --set model.num_classes=3
 """
 
 
@@ -56,7 +60,8 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
-        help="YAML config file, or the name of a packaged config (demo, paper_yolov4_voc); default: %(default)s",
+        help="YAML config file, or the name of a packaged config (demo, paper_yolov4_voc, ultralytics); "
+        "default: %(default)s",
     )
     group.add_argument(
         "--set",
@@ -159,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--budget",
-        choices=("channels", "params", "macs"),
-        help="what --ratio counts: BatchNorm channels (the paper's), parameters or MACs (prune.budget)",
+        choices=BUDGETS,
+        help="what --ratio counts: BatchNorm channels (the paper's), parameters, MACs or ONNX Runtime latency "
+        "measured per layer on this machine (prune.budget)",
     )
     prune.add_argument(
         "--allocator",
@@ -265,15 +271,23 @@ SHORTCUTS = {
 }
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    """``--set`` values, then one ``key=value`` per shortcut flag the user gave."""
+def _overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """``--set`` values, then one ``key=value`` per shortcut flag the user gave; with each, how the user gave
+    it (``--set prune.ratio=0.4``, ``--ratio 0.4``), so that a config error names what was typed."""
     given = vars(args)
-    shortcuts = [f"{key}={given[name]}" for name, key in SHORTCUTS.items() if given.get(name) is not None]
-    return list(args.overrides) + shortcuts
+    overrides = list(args.overrides)
+    origins = [f"--set {override}" for override in overrides]
+    for name, key in SHORTCUTS.items():
+        value = given.get(name)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+            origins.append(f"--{name}" if value is True else f"--{name} {value}")
+    return overrides, origins
 
 
 def _run(args: argparse.Namespace) -> int:
-    config, source = load_config(args.config, _overrides(args))
+    overrides, origins = _overrides(args)
+    config, source = load_config(args.config, overrides, origins=origins)
     run_dir = args.run_dir or Path("runs") / resolve_config_path(args.config).stem
     ctx = Context(
         config, RunDir(run_dir), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
@@ -329,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_logger.setLevel(logging.INFO)
     try:
         return _run(args)
-    except (ConfigError, RunError, DatasetError, FileNotFoundError) as error:
+    except (ConfigError, RunError, DatasetError, ModelFileError, FileNotFoundError) as error:
         print(f"gcp {args.command}: error: {error}", file=sys.stderr)
         return 2
     finally:

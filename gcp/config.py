@@ -24,26 +24,72 @@ from typing import Any
 
 import yaml
 
+from .limits import PRUNE_RATIO, Interval
+
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "demo"
 DATA_FORMATS = ("digits", "voc", "coco", "yolo")
 DETECTORS = ("yolov4", "yolov3", "mobilenet_yolov3")
+# gcp.models' builders, or a user's Ultralytics detector (gcp.adapters.ultralytics_pipeline)
+MODEL_NAMES = (*DETECTORS, "ultralytics")
+# Ultralytics train arguments that gcp sets from its own config (so model.train_args cannot say otherwise)
+ULTRALYTICS_SET_BY_GCP = {
+    "data": "data.yaml",
+    "imgsz": "data.size",
+    "workers": "data.num_workers",
+    "seed": "seed",
+    "device": "device",
+    "epochs": "each stage's section (sparsity.epochs, distill.epochs, ...)",
+    "batch": "each stage's batch_size",
+    "lr0": "each stage's lr",
+    "optimizer": "each stage's optimizer",
+    "momentum": "each stage's momentum",
+    "weight_decay": "each stage's weight_decay",
+    "warmup_epochs": "each stage's warmup_epochs",
+    "resume": "--resume",
+    "project": "--run-dir",
+    "name": "--run-dir",
+    "exist_ok": "--run-dir",
+    "model": "model.weights",
+    "task": "model.name",
+    "mode": "the command",
+    "distill_model": "the distill command's teacher",
+}
+# FitConfig values Ultralytics' trainer can honour: (required value, why)
+ULTRALYTICS_FIT = {
+    "ema": (True, "always keeps an EMA of the weights"),
+    "eval_every": (1, "validates every epoch; set model.train_args.val=false to validate only the last"),
+    "max_steps_per_epoch": (
+        None,
+        "has no per-epoch step limit (model.train_args.fraction trains on a share)",
+    ),
+    "bf16": (False, "uses its own AMP (fp16 on CUDA, model.train_args.amp)"),
+}
 # The choices of gcp.prune (kept literal here so loading a config does not import torch-pruning).
 PRUNE_METHODS = ("gcp", "slim", "thinet", "l1", "random")
 ALLOCATORS = ("valley", "paper", "explicit")
-BUDGETS = ("channels", "params", "macs")
+BUDGETS = ("channels", "params", "macs", "latency")
 COUPLINGS = ("vote", "mean", "max")
+BN_FREE = ("l1", "keep")  # gcp.prune.BN_FREE (config stays importable without torch)
 SCHEDULES = ("dynamic", "constant")
 SPARSITY_MECHANISMS = ("layer_relative", "eq3")  # gcp.sparsity.MECHANISMS
 ATTENTION_DISTANCES = ("squared", "mean_squared", "norm")  # distill.losses.ATTENTION_DISTANCES
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_SPLITS = ("train", "val", "test")
+AP_METHODS = ("coco101", "voc11", "voc_area")  # gcp.evaluate.AP_METHODS
 PRUNE_SOURCES = ("sparse", "trained")
 DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
 class ConfigError(ValueError):
-    """A configuration cannot be used as written; the message names the key (and file) at fault."""
+    """A configuration cannot be used as written; the message names the key (and file) at fault.
+
+    ``key`` is the dotted key at fault when there is one, so that :func:`load_config` can tell whether the
+    value came from the file or from an override and name the right one."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def option(
@@ -54,16 +100,19 @@ def option(
     minimum: float | None = None,
     maximum: float | None = None,
     exclusive_minimum: bool = False,
+    within: Interval | None = None,
     path: str | None = None,
 ) -> Any:
     """A dataclass field with the checks :func:`build_config` applies: ``choices`` (for a list: every entry),
-    an inclusive ``minimum`` (exclusive with ``exclusive_minimum``) and ``maximum``, and ``path`` ("file" or
-    "dir") for :func:`check_paths`."""
+    an inclusive ``minimum`` (exclusive with ``exclusive_minimum``) and ``maximum``, ``within`` (an
+    :class:`gcp.limits.Interval` shared with the code that consumes the value, so both accept the same
+    values), and ``path`` ("file" or "dir") for :func:`check_paths`."""
     metadata = {
         "choices": tuple(choices) if choices else None,
         "minimum": minimum,
         "maximum": maximum,
         "exclusive_minimum": exclusive_minimum,
+        "within": within,
         "path": path,
     }
     return field(default=default, default_factory=factory, metadata=metadata)
@@ -84,6 +133,10 @@ class DigitsConfig:
 class DataConfig:
     """Where the images are and how they are read.
 
+    ``yaml`` (format ``yolo``): an Ultralytics ``data.yaml``, read by Ultralytics' own checker; its class names
+    and its ``train``/``val``/``test`` image folders are the splits (``root``, the split specs and
+    ``class_names`` are then not used and must stay unset). Needed for ``model.name: ultralytics``.
+
     ``train``/``val``/``test`` list split specs, concatenated when there are several (VOC07+12): for ``voc``,
     ``digits`` and ``yolo`` a spec is ``[subfolder/]split`` under ``root`` (``VOC2007/trainval`` reads
     ``root/VOC2007/ImageSets/Main/trainval.txt``); for ``coco`` it names ``root/<spec>/`` images with
@@ -103,21 +156,29 @@ class DataConfig:
     strict: bool = True
     horizontal_flip: bool | None = None
     digits: DigitsConfig = option(factory=DigitsConfig)
+    yaml: str | None = option(None, path="file")
 
 
 @dataclass
 class ModelConfig:
     """The detector built by ``gcp.models.build``; ``anchors`` (null: YOLOv4's) are designed for
     ``anchor_size`` px and scaled by ``data.size / anchor_size``. ``weights``: a model file to start ``gcp
-    train`` from (null: random initialisation)."""
+    train`` from (null: random initialisation).
 
-    name: str = option("yolov4", choices=DETECTORS)
+    ``name: ultralytics`` is a user's Ultralytics YOLOv8/YOLO11 detector: ``weights`` is its checkpoint (``.pt``)
+    or model YAML (a file, or the name of one Ultralytics ships, e.g. ``yolov8n.yaml``), the run's
+    ``trained.pt``; every training stage runs Ultralytics' trainer on ``data.yaml`` with ``train_args``
+    (Ultralytics' own train arguments, e.g. ``{mosaic: 0.5, patience: 20}``) passed through. ``width``,
+    ``depth`` and the anchors do not apply to it."""
+
+    name: str = option("yolov4", choices=MODEL_NAMES)
     num_classes: int = option(10, minimum=1)
     width: float = option(0.25, minimum=0.0, exclusive_minimum=True)
     depth: float = option(0.33, minimum=0.0, exclusive_minimum=True)
     anchors: list[list[list[float]]] | None = None
     anchor_size: int = option(416, minimum=1)
     weights: str | None = option(None, path="file")
+    train_args: dict[str, Any] = option(factory=dict)
 
 
 @dataclass
@@ -143,12 +204,14 @@ class SparsityConfig(FitConfig):
     fraction of channels with the largest |γ| decay to ``decay`` × s after ``switch_at`` of the epochs,
     ``constant`` is Network Slimming's fixed rate. ``mechanism`` is ``layer_relative`` (γ trained by the hook
     with its own ``gamma_lr``; works under AdamW) or ``eq3`` (the paper's literal subgradient, for SGD); ``s``
-    null takes the mechanism's default (1.0 relative, 7.5e-4 for eq3), see ``gcp.DynamicSparsity``."""
+    null takes the mechanism's default (1.0 relative, 7.5e-4 for eq3), see ``gcp.DynamicSparsity``;
+    ``follow_schedule`` scales ``gamma_lr`` by the run's warm-up/cosine lr schedule."""
 
     schedule: str = option("dynamic", choices=SCHEDULES)
     mechanism: str = option("layer_relative", choices=SPARSITY_MECHANISMS)
     s: float | None = option(None, minimum=0.0)
     gamma_lr: float = option(0.02, minimum=0.0, exclusive_minimum=True)
+    follow_schedule: bool = False
     switch_at: float = option(0.5, minimum=0.0, maximum=1.0)
     protect: float = option(0.3, minimum=0.0, maximum=1.0)
     decay: float = option(0.01, minimum=0.0, maximum=1.0)
@@ -160,10 +223,12 @@ class PruneConfig:
     partition, §4.2.1) or a YAML file of group name → glob patterns; ``allocator: explicit`` takes one ratio
     per group from ``group_ratios`` (the paper's Table 1 rows) instead of ``ratio``; ``source`` picks the sparse-trained or
     the plain trained model; ``calib_images`` real training images feed ThiNet's reconstruction error and the
-    offset compensation of every method; ``max_group_ratio`` caps any one group's share (gcp)."""
+    offset compensation of every method; ``max_group_ratio`` caps any one group's share (gcp); ``bn_free``
+    says what γ methods do with layers that have no BatchNorm (``l1``: rank them by filter L1 norm and cut the
+    share the γ thresholds cut; ``keep``: leave them whole; the report lists them either way)."""
 
     method: str = option("gcp", choices=PRUNE_METHODS)
-    ratio: float = option(0.38, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    ratio: float = option(0.38, within=PRUNE_RATIO)  # what prune_detector accepts
     budget: str = option("channels", choices=BUDGETS)
     allocator: str = option("valley", choices=ALLOCATORS)
     groups: str = "auto"
@@ -173,6 +238,7 @@ class PruneConfig:
     round_to: int | None = option(None, minimum=1)
     source: str = option("sparse", choices=PRUNE_SOURCES)
     calib_images: int = option(32, minimum=1)
+    bn_free: str = option("l1", choices=BN_FREE)
 
 
 @dataclass
@@ -191,12 +257,15 @@ class DistillConfig(FitConfig):
 
 @dataclass
 class EvalConfig:
-    """mAP evaluation (pycocotools); ``split`` is the data split models are scored on."""
+    """mAP evaluation (pycocotools); ``split`` is the data split models are scored on; ``ap_method`` how a
+    precision-recall curve becomes an AP: ``coco101`` (pycocotools' 101-point interpolation), ``voc11``
+    (VOC2007's 11-point) or ``voc_area`` (VOC2010+ all-point), see :mod:`gcp.evaluate`."""
 
     split: str = option("test", choices=EVAL_SPLITS)
     batch_size: int = option(8, minimum=1)
     conf_thres: float = option(0.001, minimum=0.0, maximum=1.0)
     iou_thres: float = option(0.6, minimum=0.0, maximum=1.0)
+    ap_method: str = option("coco101", choices=AP_METHODS)
 
 
 @dataclass
@@ -222,11 +291,16 @@ class DemoConfig:
     """``gcp demo``: the starting (teacher) model file (null: the shipped ``gcp/assets/digits_teacher.pt``), the
     model its sparse-training stage continues (``sparse_start``; null: the shipped ``gcp/assets/digits_sparse.pt``
     that ``benchmarks/bench_method.py`` made from that teacher, ``teacher``: start from the teacher itself) and
-    the pruning methods compared at the same budget."""
+    the pruning methods compared at the same budget. Every method is fine-tuned; those in ``distill`` are also
+    distilled (GSA is the paper's recovery for gcp, §4.3; add others to separate the method from the recovery).
+    ``sweep``: further shares of ``prune.budget`` at which each method is pruned and scored before recovery,
+    for the trade-off plot (empty: none)."""
 
     teacher: str | None = option(None, path="file")
     sparse_start: str | None = None
     methods: list[str] = option(factory=lambda: ["gcp", "slim", "thinet"], choices=PRUNE_METHODS)
+    distill: list[str] = option(factory=lambda: ["gcp"], choices=PRUNE_METHODS)
+    sweep: list[float] = option(factory=lambda: [0.2, 0.3, 0.5], within=PRUNE_RATIO)
 
 
 @dataclass
@@ -279,6 +353,8 @@ def _type_name(hint: Any) -> str:
         return f"mapping of {_type_name(key_hint)} to {_type_name(value_hint)}"
     if dataclasses.is_dataclass(hint):
         return "a mapping"
+    if hint is Any:
+        return "any value"
     return "null" if hint is type(None) else hint.__name__
 
 
@@ -293,6 +369,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     """``value`` as type ``hint`` or a ConfigError naming ``key`` and the expected type (no silent casts, except
     an integer where a float is expected)."""
     origin = typing.get_origin(hint)
+    if hint is Any:  # checked by what consumes it (model.train_args: by Ultralytics)
+        return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping of keys, got {type(value).__name__} {value!r}")
@@ -340,14 +418,17 @@ def _check_value(value: Any, metadata: Mapping[str, Any], key: str) -> None:
                 match = difflib.get_close_matches(str(item), choices, n=1, cutoff=0.5)
                 hint = f"; did you mean {match[0]!r}?" if match else ""
                 raise ConfigError(f"{key}: {item!r} is not one of {', '.join(choices)}{hint}")
-    if value is None or not isinstance(value, (int, float)):
-        return
-    minimum, maximum = metadata.get("minimum"), metadata.get("maximum")
-    if minimum is not None and (value <= minimum if metadata.get("exclusive_minimum") else value < minimum):
-        relation = ">" if metadata.get("exclusive_minimum") else ">="
-        raise ConfigError(f"{key}: must be {relation} {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{key}: must be <= {maximum}, got {value!r}")
+    minimum, maximum, within = metadata.get("minimum"), metadata.get("maximum"), metadata.get("within")
+    for item in value if isinstance(value, list) else [value]:
+        if item is None or not isinstance(item, (int, float)):
+            continue
+        if within is not None and item not in within:
+            raise ConfigError(f"{key}: must be a number in {within}, got {item!r}")
+        if minimum is not None and (item <= minimum if metadata.get("exclusive_minimum") else item < minimum):
+            relation = ">" if metadata.get("exclusive_minimum") else ">="
+            raise ConfigError(f"{key}: must be {relation} {minimum}, got {item!r}")
+        if maximum is not None and item > maximum:
+            raise ConfigError(f"{key}: must be <= {maximum}, got {item!r}")
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
@@ -358,9 +439,14 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
-            raise ConfigError(f"unknown key {key!r}{_closest(str(name), list(fields), prefix)}")
-        values[name] = _convert(value, hints[name], key)
-        _check_value(values[name], fields[name].metadata, key)
+            raise ConfigError(f"unknown key {key!r}{_closest(str(name), list(fields), prefix)}", key)
+        try:
+            values[name] = _convert(value, hints[name], key)
+            _check_value(values[name], fields[name].metadata, key)
+        except ConfigError as error:
+            if error.key is None:  # the innermost section that saw the error has set the most precise key
+                error.key = key
+            raise
     return cls(**values)
 
 
@@ -372,15 +458,77 @@ def build_config(raw: Mapping[str, Any] | None) -> ExperimentConfig:
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
     config = _build(ExperimentConfig, raw, "")
     if not DEVICE_PATTERN.match(config.device):
-        raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {config.device!r}")
+        raise ConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {config.device!r}", "device")
     if (config.prune.allocator == "explicit") != (config.prune.group_ratios is not None):
         raise ConfigError(
             "prune.group_ratios (one ratio per group) is used exactly when prune.allocator is 'explicit'; "
             f"got allocator {config.prune.allocator!r} with group_ratios {config.prune.group_ratios!r}"
         )
-    if config.data.format == "yolo" and not config.data.class_names:
-        raise ConfigError("data.class_names: the yolo format has no class list of its own; list the names")
+    _check_data_source(config.data)
+    _check_ultralytics(config)
     return config
+
+
+def _check_data_source(data: DataConfig) -> None:
+    """The yolo format's class names come from ``class_names`` or a ``data.yaml``; a data.yaml, which gives the
+    images, splits and names, leaves nothing for ``root``, the split specs and ``class_names`` to say."""
+    if data.yaml is None:
+        if data.format == "yolo" and not data.class_names:
+            raise ConfigError(
+                "data.class_names: the yolo format has no class list of its own; list the names, or give the "
+                "data.yaml that does",
+                "data.class_names",
+            )
+        return
+    if data.format != "yolo":
+        raise ConfigError(f"data.yaml: is read for data.format yolo, not {data.format!r}", "data.yaml")
+    defaults = DataConfig()
+    for name in ("root", "train", "val", "test", "class_names"):
+        if getattr(data, name) != getattr(defaults, name):
+            raise ConfigError(
+                f"data.{name}: data.yaml gives the images, splits and class names; remove data.{name}",
+                f"data.{name}",
+            )
+
+
+def _check_ultralytics(config: ExperimentConfig) -> None:
+    """``model.name: ultralytics`` needs its model file and a data.yaml, Ultralytics-only arguments need that
+    model, and every training section must ask for what Ultralytics' trainer can do."""
+    model = config.model
+    if model.name != "ultralytics":
+        if model.train_args:
+            raise ConfigError(
+                "model.train_args: are Ultralytics' train arguments, for model.name ultralytics only",
+                "model.train_args",
+            )
+        return
+    if model.weights is None or Path(model.weights).suffix not in (".pt", ".yaml", ".yml"):
+        raise ConfigError(
+            "model.weights: model.name ultralytics needs the model, an Ultralytics checkpoint (.pt) or model "
+            f"YAML (.yaml), got {model.weights!r}",
+            "model.weights",
+        )
+    if config.data.yaml is None:
+        raise ConfigError(
+            "data.yaml: model.name ultralytics trains with Ultralytics' trainer, which reads a data.yaml; set "
+            "data.format: yolo and data.yaml",
+            "data.yaml",
+        )
+    for key in model.train_args:
+        if key in ULTRALYTICS_SET_BY_GCP:
+            raise ConfigError(
+                f"model.train_args.{key}: is set by gcp from {ULTRALYTICS_SET_BY_GCP[key]}; set it there",
+                f"model.train_args.{key}",
+            )
+    for section in ("train", "sparsity", "finetune", "distill"):
+        settings = getattr(config, section)
+        for key, (required, why) in ULTRALYTICS_FIT.items():
+            if getattr(settings, key) != required:
+                raise ConfigError(
+                    f"{section}.{key}: must be {required!r} for model.name ultralytics (Ultralytics' trainer "
+                    f"{why})",
+                    f"{section}.{key}",
+                )
 
 
 def apply_overrides(raw: Mapping[str, Any] | None, overrides: Sequence[str]) -> dict[str, Any]:
@@ -421,17 +569,46 @@ def resolve_config_path(name_or_path: str | Path | None) -> Path:
 
 
 def load_config(
-    name_or_path: str | Path | None = None, overrides: Sequence[str] = ()
+    name_or_path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    origins: Sequence[str] | None = None,
 ) -> tuple[ExperimentConfig, Path]:
-    """Read, override and check a config; returns it with the file it came from."""
+    """Read, override and check a config; returns it with the file it came from.
+
+    An error starts with where the bad value came from, so the user looks in the right place: the file, or
+    the override that set the key (``--set prune.ratoi=0.3: unknown key ...``). ``origins`` names how each
+    override was given, one per override (the command line passes ``--ratio 0.4`` for its shortcut flags);
+    by default ``--set <override>``.
+    """
+    if origins is None:
+        origins = [f"--set {override}" for override in overrides]
+    elif len(origins) != len(overrides):
+        raise ValueError(f"load_config: one origin per override, got {len(origins)} for {len(overrides)}")
     path = resolve_config_path(name_or_path)
     raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     if raw is not None and not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    merged = apply_overrides(raw, overrides)  # its errors name the override already
     try:
-        return build_config(apply_overrides(raw, overrides)), path
+        return build_config(merged), path
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+        source = _origin(error.key, overrides, origins)
+        if source is None:
+            source = f"{path} with {', '.join(origins)}" if error.key is None and origins else str(path)
+        raise ConfigError(f"{source}: {error}", error.key) from None
+
+
+def _origin(key: str | None, overrides: Sequence[str], origins: Sequence[str]) -> str | None:
+    """The origin of the last override that set ``key``: the key itself, a section holding it (which the
+    override replaced whole), or a key below it (which created it); None when the file set it."""
+    if key is None:
+        return None
+    for override, origin in zip(reversed(overrides), reversed(origins)):
+        dotted = override.partition("=")[0].strip()
+        if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")) or dotted.startswith(f"{key}."):
+            return origin
+    return None
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:

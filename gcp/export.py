@@ -73,16 +73,24 @@ def _batch_of(inputs: tuple[torch.Tensor, ...], size: int) -> tuple[torch.Tensor
 
 
 def _ort_session(
-    model_bytes_or_path: bytes | str | os.PathLike, threads: int | None = None, *, spinning: bool = True
+    model_bytes_or_path: bytes | str | os.PathLike,
+    threads: int | None = None,
+    *,
+    spinning: bool = True,
+    profile_prefix: str | None = None,
 ) -> Any:
     """An ONNX Runtime CPU session. ``spinning=False`` makes its worker threads sleep between runs instead of
     busy-waiting: needed when several sessions take turns on the same cores, where the idle sessions' spinning
     threads would otherwise steal the running one's CPU (measured on 2 cores: four demo models timed
-    round-robin took 53-76 ms each with spinning, 30-39 ms without, 24-33 ms each timed alone)."""
+    round-robin took 53-76 ms each with spinning, 30-39 ms without, 24-33 ms each timed alone).
+    ``profile_prefix`` turns on ONNX Runtime's profiler, writing its JSON there (``gcp.latency``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
@@ -283,15 +291,22 @@ def _check_timing_args(input_shape: Sequence[int], runs: int, warmup: int) -> tu
 
 
 def _onnxruntime_runner(
-    onnx_path: str | os.PathLike, input_shape: tuple[int, ...], threads: int | None, *, spinning: bool = True
+    onnx_path: bytes | str | os.PathLike,
+    input_shape: tuple[int, ...],
+    threads: int | None,
+    *,
+    spinning: bool = True,
 ) -> tuple[Runner, str]:
-    """A zero-argument callable that runs one ONNX Runtime inference on a fixed random input."""
-    if not Path(onnx_path).is_file():
+    """A zero-argument callable that runs one ONNX Runtime inference on a fixed random input.
+
+    ``onnx_path`` may also be the model's bytes (the latency table's one-layer graphs are never written)."""
+    if not isinstance(onnx_path, bytes) and not Path(onnx_path).is_file():
         raise FileNotFoundError(f"no ONNX file at {onnx_path}")
     session = _ort_session(onnx_path, threads, spinning=spinning)
     model_inputs = session.get_inputs()
     if len(model_inputs) != 1:
-        raise ValueError(f"latency timing feeds one image tensor; {onnx_path} has {len(model_inputs)} inputs")
+        what = "the ONNX model" if isinstance(onnx_path, bytes) else onnx_path
+        raise ValueError(f"latency timing feeds one image tensor; {what} has {len(model_inputs)} inputs")
     feed = {model_inputs[0].name: np.random.default_rng(0).random(input_shape, dtype=np.float32)}
 
     def run_once() -> None:
@@ -405,6 +420,8 @@ def compare_latency(
     warmup: int = 10,
     tensorrt: bool = False,
     threads: int | None = None,
+    dynamic_batch: bool = True,
+    atol: float = 1e-4,
 ) -> list[dict[str, Any]]:
     """Export every model to ``out_dir/<name>.onnx`` and time them together (the paper's Table 8 comparison).
 
@@ -419,6 +436,9 @@ def compare_latency(
     (``prune_detector(..., round_to=16)``): odd channel counts can miss the blocked, vectorised convolution
     kernels, so an unrounded pruned model may gain much less time than its MACs promise. How much depends on
     the model, its size and the CPU, which is why this function measures rather than estimates.
+
+    ``dynamic_batch`` and ``atol`` are :func:`export_onnx`'s (a torchvision detector's transform takes the
+    batch apart, so its network exports only with a fixed batch).
     """
     _check_model_names(models)
     shape = _check_timing_args(input_shape, runs, warmup)
@@ -433,7 +453,7 @@ def compare_latency(
         device = next(model.parameters()).device
         example = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
         onnx_path = out_dir / f"{name}.onnx"
-        diff = export_onnx(model, example, onnx_path)
+        diff = export_onnx(model, example, onnx_path, dynamic_batch=dynamic_batch, atol=atol)
         macs, params = count_macs_params(model, example)
         rows.append(
             {

@@ -7,8 +7,9 @@ C2f / CSPNet block (``x.chunk(2, 1)`` feeding a concat and a residual branch), g
 past the tensor (the ``IndexError`` of torch-pruning issues #219, #392, #412, #506). It also assumes the graph's
 list of split outputs is in chunk order, which tracing does not guarantee.
 
-The repair is generic: for every split node we read which chunk each consumer takes (the ``output_nr`` in the
-consumer's ``grad_fn.next_functions``) and the chunk bounds from the saved sizes, then rebuild the index mappings.
+The repair is generic: for every split node we read which chunks each consumer takes (the ``output_nr`` in the
+consumer's ``grad_fn.next_functions``; a C2f concat takes both) and the chunk bounds from the saved sizes, then
+rebuild the index mappings.
 No per-architecture rule is involved.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
-from torch_pruning.dependency import index_mapping
+from torch_pruning.dependency import index_mapping, shape_infer
 
 from grouping.trace import ForwardFn
 
@@ -52,8 +53,15 @@ def chunk_bounds(grad_fn: Any) -> list[tuple[int, int]] | None:
     return bounds
 
 
-def _output_number(split_fn: Any, consumer_fn: Any, max_depth: int = 8) -> int | None:
-    """Which output of ``split_fn`` the consumer reads: search the consumer's autograd inputs breadth-first."""
+def _chunks_read(split_fn: Any, consumer_fn: Any, max_depth: int = 8) -> list[int]:
+    """Which outputs of ``split_fn`` the consumer reads, in the order of its autograd inputs.
+
+    A consumer that takes the split directly lists every chunk it reads (a C2f concat ``cat([a, b, m(b)])``
+    reads both); one that sits further down is searched breadth-first and reads the first chunk found.
+    """
+    direct = [int(nr) for parent, nr in consumer_fn.next_functions if parent is split_fn]
+    if direct:
+        return direct
     frontier, seen = [consumer_fn], set()
     for _ in range(max_depth):
         nxt = []
@@ -63,47 +71,82 @@ def _output_number(split_fn: Any, consumer_fn: Any, max_depth: int = 8) -> int |
             seen.add(fn)
             for parent, output_nr in fn.next_functions:
                 if parent is split_fn:
-                    return int(output_nr)
+                    return [int(output_nr)]
                 nxt.append(parent)
         frontier = nxt
-    return None
+    return []
+
+
+def _occurrence_chunks(node: Any, bounds: list[tuple[int, int]]) -> list[int] | None:
+    """The chunk behind each entry of ``node.outputs``, or None when one cannot be told.
+
+    torch-pruning lists a consumer once per chunk it reads, in the order of the consumer's autograd inputs,
+    and adds its dependencies in that same order; the j-th listing of a consumer is its j-th chunk read.
+    """
+    reads: dict[Any, list[int]] = {}
+    numbers = []
+    for out in node.outputs:
+        if out not in reads:
+            reads[out] = _chunks_read(node.grad_fn, out.grad_fn)
+        if not reads[out]:
+            return None
+        numbers.append(reads[out].pop(0))
+    return numbers if all(n < len(bounds) for n in numbers) else None
+
+
+def _deps_to(deps: list[Any], target: Any) -> list[Any]:
+    return [dep for dep in deps if dep.target == target]
 
 
 def repair_splits(graph: Any) -> int:
-    """Re-derive the index mapping of every channel split in ``graph``; returns how many splits were repaired."""
+    """Re-derive the index mapping of every channel split in ``graph``; returns how many splits were repaired.
+
+    For each entry of the split's outputs (a consumer listed once per chunk it reads) the dependency between
+    them gets that chunk's [start, end). ``split_sizes`` follows torch-pruning's shape inference, which reads it
+    by output entry: the size of the chunk each entry reads, so it sums to more than the split's channels when
+    a chunk has several readers (C2f: 3 × 8 for 16 channels). ``offsets`` is cleared: torch-pruning re-derives
+    split mappings from it on every ``get_pruning_group``, assuming outputs in chunk order, which would undo
+    this repair. Concats fed by a repaired split get their input sizes from the chunks they read.
+    """
     plans = []
     for node in graph.module2node.values():
         if node.type != ops.OPTYPE.SPLIT:
             continue
         bounds = chunk_bounds(node.grad_fn)
-        if bounds is None:
-            continue
-        numbers = [_output_number(node.grad_fn, out.grad_fn) for out in node.outputs]
-        if any(n is None or n >= len(bounds) for n in numbers):
+        numbers = _occurrence_chunks(node, bounds) if bounds is not None else None
+        if numbers is None:
             continue
         node.module.split_sizes = [bounds[n][1] - bounds[n][0] for n in numbers]
-        offsets = [0]
-        for size in node.module.split_sizes:
-            offsets.append(offsets[-1] + size)
-        node.module.offsets = offsets
+        node.module.offsets = None
         plans.append((node, [list(bounds[n]) for n in numbers]))
     if not plans:
         return 0
-    for (
-        node
-    ) in graph.module2node.values():  # concat sizes were inferred from the wrong split sizes: redo them
-        if node.type == ops.OPTYPE.CONCAT:
-            node.module.concat_sizes = None
-            node.module.offsets = None
-    index_mapping.update_index_mapping(graph)
+    spans_into: dict[tuple[Any, Any], list[list[int]]] = {}  # (split, consumer) -> span of each listing
     for node, spans in plans:
         for out_node, span in zip(node.outputs, spans):
-            for dep in node.dependencies:
-                if dep.target == out_node:
-                    dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=False)
-            for dep in out_node.dependencies:
-                if dep.target == node:
-                    dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=True)
+            spans_into.setdefault((node, out_node), []).append(span)
+    for cat in graph.module2node.values():  # concat sizes were inferred from the wrong split sizes: redo them
+        if cat.type != ops.OPTYPE.CONCAT:
+            continue
+        cat.module.offsets = None
+        cat.module.concat_sizes = None
+        if any((n, cat) in spans_into for n in cat.inputs):
+            taken: dict[Any, int] = {}
+            sizes = []
+            for n in cat.inputs:
+                if (n, cat) in spans_into:
+                    start, end = spans_into[(n, cat)][taken.get(n, 0)]
+                    taken[n] = taken.get(n, 0) + 1
+                    sizes.append(end - start)
+                else:
+                    sizes.append(shape_infer.infer_channels_between(graph, n, cat))
+            cat.module.concat_sizes = sizes
+    index_mapping.update_index_mapping(graph)
+    for (node, out_node), spans in spans_into.items():
+        for dep, span in zip(_deps_to(node.dependencies, out_node), spans):
+            dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=False)
+        for dep, span in zip(_deps_to(out_node.dependencies, node), spans):
+            dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=span, reverse=True)
     return len(plans)
 
 

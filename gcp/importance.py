@@ -16,6 +16,9 @@ from torch import nn
 
 NORM_OUT_FNS = (tp.prune_batchnorm_out_channels,)
 CONV_OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+#: torch-pruning gives depthwise convs (groups = in = out) their own handler, one for inputs and outputs alike:
+#: removing a channel removes its filter, so in a coupled group such a conv counts as an output layer.
+DEPTHWISE_FNS = (tp.prune_depthwise_conv_out_channels,)
 CONV_IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 
@@ -121,10 +124,38 @@ def _consumers(group: Any) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]
         root_idxs = group[i].root_idxs
         if dep.pruning_fn not in CONV_IN_FNS or root_idxs is None or any(r is None for r in root_idxs):
             continue
-        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups != 1:
             continue
         result.append((layer, torch.as_tensor(list(idxs), dtype=torch.long), torch.as_tensor(root_idxs)))
     return result
+
+
+def conv_columns(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``module(x)`` written as a product of input columns and weights, channel by channel.
+
+    Returns ``cols`` (B, C, K, L) and ``weight`` (O, C, K) with ``module(x)[b, o, l] - bias[o] =
+    Σ_c Σ_k cols[b, c, k, l] · weight[o, c, k]``, so that ``cols[b, :, :, l] · weight[o]`` summed over k is each
+    input channel's contribution to one output entry (ThiNet's z_c). A ``ConvTranspose2d`` is the plain
+    convolution of its input with zeros inserted between pixels (stride − 1 of them), padded by
+    dilation · (k − 1) − padding (plus ``output_padding`` at the end), with the kernel flipped and its in/out
+    dims swapped. None for layers other than dense (groups = 1) Conv2d and ConvTranspose2d.
+    """
+    if not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) or module.groups != 1:
+        return None
+    weight = module.weight.detach().float()
+    if isinstance(module, nn.ConvTranspose2d):
+        b, c, h, w = x.shape
+        (sh, sw), (dh, dw), (kh, kw) = module.stride, module.dilation, module.kernel_size
+        spread = x.new_zeros(b, c, (h - 1) * sh + 1, (w - 1) * sw + 1)
+        spread[:, :, ::sh, ::sw] = x
+        ph, pw = dh * (kh - 1) - module.padding[0], dw * (kw - 1) - module.padding[1]
+        oh, ow = module.output_padding
+        x = nn.functional.pad(spread, (pw, pw + ow, ph, ph + oh))  # negative amounts crop
+        weight = weight.flip(-2, -1).transpose(0, 1)
+        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, 0, 1)
+    else:
+        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    return cols.view(x.shape[0], weight.shape[1], -1, cols.shape[-1]), weight.flatten(2)
 
 
 class ThiNetImportance(tp.importance.Importance):
@@ -134,7 +165,9 @@ class ThiNetImportance(tp.importance.Importance):
     input channel's contribution to randomly sampled output entries (z_c in the ThiNet paper). The score of a
     channel is then its position in ThiNet's greedy order: we repeatedly remove the channel whose contribution
     adds the least to the squared reconstruction error of the removed set, so the channel removed first is the
-    least important. Groups without a dense consumer fall back to filter L1 norm.
+    least important. A root channel read several times by one consumer (an SPP concat of x and its pooled
+    copies) contributes the sum of its copies' z, since removing it removes all of them. Groups without a dense
+    consumer (Conv2d, ConvTranspose2d or Linear) fall back to filter L1 norm.
     """
 
     def __init__(self, samples_per_batch: int = 128, seed: int = 0) -> None:
@@ -157,25 +190,21 @@ class ThiNetImportance(tp.importance.Importance):
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
             x = inputs[0].detach().float()
-            if isinstance(module, nn.Conv2d):
-                cols = nn.functional.unfold(
-                    x, module.kernel_size, module.dilation, module.padding, module.stride
-                )  # (B, C*k*k, L)
-                b, _, positions = cols.shape
-                cols = cols.view(b, module.in_channels, -1, positions)
-                weight = module.weight.detach().float().flatten(2)  # (O, C, k*k)
-                m = self.samples_per_batch
-                bi = torch.randint(b, (m,), generator=generator)
-                li = torch.randint(positions, (m,), generator=generator)
-                oi = torch.randint(module.out_channels, (m,), generator=generator)
-                patches = cols[bi, :, :, li]  # (m, C, k*k)
-                z = (patches * weight[oi]).sum(-1)  # (m, C)
-            else:
+            m = self.samples_per_batch
+            if isinstance(module, nn.Linear):
                 flat = x.reshape(-1, x.shape[-1])
-                m = self.samples_per_batch
                 ri = torch.randint(flat.shape[0], (m,), generator=generator)
                 oi = torch.randint(module.out_features, (m,), generator=generator)
                 z = flat[ri] * module.weight.detach().float()[oi]
+            else:
+                unfolded = conv_columns(module, x)
+                if unfolded is None:
+                    return  # no columns from a layer we cannot sample (a group with none: L1 norm)
+                cols, weight = unfolded  # (B, C, K, L), (O, C, K)
+                bi = torch.randint(cols.shape[0], (m,), generator=generator)
+                li = torch.randint(cols.shape[-1], (m,), generator=generator)
+                oi = torch.randint(weight.shape[0], (m,), generator=generator)
+                z = (cols[bi, :, :, li] * weight[oi]).sum(-1)  # (m, C)
             chunks.setdefault(module, []).append(z.cpu())
 
         handles = [m.register_forward_hook(hook) for m in consumers]
@@ -215,7 +244,7 @@ class ThiNetImportance(tp.importance.Importance):
             if z is None:
                 continue
             block = torch.zeros(z.shape[0], n)
-            block[:, root] = z[:, idxs]
+            block.index_add_(1, root, z[:, idxs])  # SPP: x and its pooled copies all carry one root channel
             columns = torch.cat([columns, block], 0)
         if columns.shape[0] == 0:
             return self.fallback(group)

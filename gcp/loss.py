@@ -113,7 +113,8 @@ class YoloLoss:
     Each term is multiplied by its gain and by the batch size, which turns the per-image mean into a sum over
     the batch. With YOLOv4/v5's recipe of accumulating gradients up to a nominal batch of 64 images per
     optimizer step, this makes the gradient of one step independent of the per-step batch size chosen to fit
-    memory.
+    memory. Under DDP the batch is each process's share; ``gcp.train.fit`` scales the terms by the number of
+    processes, so that DDP's gradient average becomes the sum over all of them (``loss_reduction="sum"``).
     Anchors, strides and class count are read from the model at every call, so the loss follows the model
     across devices and through pruning.
     """

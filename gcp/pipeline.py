@@ -19,6 +19,11 @@ or repeated on its own:
 Dense model files (``trained.pt``, ``sparse.pt``) use the format of the shipped teacher
 ``gcp/assets/digits_teacher.pt``: ``{"builder": json of model.gcp_builder, "state_dict", "map50"}``, loadable
 with ``torch.load(weights_only=True)``.
+
+Those formats, the trainer and the postprocessing belong to the model family, one :class:`ModelFamily` per run
+(``Context.family``). With ``model.name: ultralytics`` every file above is an Ultralytics checkpoint that
+``ultralytics.YOLO`` loads, ``trained.pt`` is ``model.weights`` imported, and ``fits/<stage>/`` is the folder of
+Ultralytics' trainer (:mod:`gcp.adapters.ultralytics_pipeline`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from .config import ConfigError, ExperimentConfig, FitConfig, check_paths, dump_config
-from .io import atomic_torch_save, atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text
+from .serialize import load_model, save_model  # the model-file formats live in gcp.serialize
 
 LOGGER = logging.getLogger(__name__)
 
@@ -136,14 +142,19 @@ def describe(path: Path) -> tuple[str, str]:
 
 @dataclass
 class Context:
-    """What every stage needs: the config, the run directory, how to treat earlier outputs, and caches."""
+    """What every stage needs: the config, the run directory, how to treat earlier outputs, the model family
+    (chosen once, from ``model.name``: see :class:`ModelFamily`) and caches."""
 
     config: ExperimentConfig
     run: RunDir
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    family: ModelFamily = field(init=False, repr=False)
     _datasets: dict[tuple[str, bool], Dataset] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.family = model_family(self.config)
 
     @property
     def device(self) -> torch.device:
@@ -269,8 +280,10 @@ def update_report(
     rows: Sequence[dict[str, Any]] = (),
     plots: dict[str, str] | None = None,
     stages: dict[str, Any] | None = None,
+    sweep: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Merge rows (by ``name``: new fields update old ones), plots and stage records into ``report.json``."""
+    """Merge rows (by ``name``: new fields update old ones), plots and stage records into ``report.json``;
+    ``sweep`` rows (models scored but not kept, see :func:`sweep_stage`) replace the earlier ones."""
     report = read_report(run)
     by_name = {row["name"]: row for row in report["rows"]}
     for row in rows:
@@ -279,6 +292,8 @@ def update_report(
     report["rows"] = sorted(by_name.values(), key=lambda row: order.get(row["name"], len(order)))
     report["plots"].update(plots or {})
     report["stages"].update(stages or {})
+    if sweep is not None:
+        report["sweep"] = list(sweep)
     atomic_write_json(run.report, report)
     return report
 
@@ -287,7 +302,7 @@ def update_report(
 
 
 def prepare_data(config: ExperimentConfig) -> None:
-    """Generate DigitScenes (``data.format: digits``) or check that the data root exists."""
+    """Generate DigitScenes (``data.format: digits``) or check that the data root (or data.yaml) exists."""
     data = config.data
     if data.format == "digits":
         from .data import make_digit_scenes
@@ -310,7 +325,14 @@ def prepare_data(config: ExperimentConfig) -> None:
             seed=digits.seed,
         )
     else:
-        check_paths(config, ["data.root"])
+        check_paths(config, ["data.root" if data.yaml is None else "data.yaml"])
+
+
+def _reader_options(config: ExperimentConfig, augment: bool) -> dict[str, Any]:
+    """The keyword arguments every dataset reader takes, from the ``data`` section."""
+    data = config.data
+    flip = data.format != "digits" if data.horizontal_flip is None else data.horizontal_flip
+    return {"size": data.size, "augment": augment, "horizontal_flip": flip, "strict": data.strict}
 
 
 def _read_spec(config: ExperimentConfig, spec: str, augment: bool) -> Dataset:
@@ -320,8 +342,7 @@ def _read_spec(config: ExperimentConfig, spec: str, augment: bool) -> Dataset:
     data = config.data
     root = Path(data.root)
     folder, _, split = spec.rpartition("/")
-    flip = data.format != "digits" if data.horizontal_flip is None else data.horizontal_flip
-    common = {"size": data.size, "augment": augment, "horizontal_flip": flip, "strict": data.strict}
+    common = _reader_options(config, augment)
     if data.format in ("digits", "voc"):
         return VOCDataset(root / folder, split, class_names=data.class_names, **common)
     if data.format == "yolo":
@@ -329,13 +350,29 @@ def _read_spec(config: ExperimentConfig, spec: str, augment: bool) -> Dataset:
     return COCODataset(root / spec, root / "annotations" / f"instances_{Path(spec).name}.json", **common)
 
 
-def _read_split(config: ExperimentConfig, split: str, augment: bool) -> Dataset:
+def _split_parts(config: ExperimentConfig, split: str, augment: bool) -> list[Dataset]:
+    """The datasets ``split`` concatenates: data.yaml's image folders of that split, else ``data.<split>``'s
+    specs."""
+    from .data import YOLODataset, read_data_yaml
+
+    if config.data.yaml is not None:
+        described = read_data_yaml(config.data.yaml)
+        options = _reader_options(config, augment)
+        return [
+            YOLODataset(folder, class_names=described.class_names, **options)
+            for folder in described.folders(split)
+        ]
     specs = getattr(config.data, split)
     if not specs:
         raise ConfigError(f"data.{split}: lists no split to read")
-    parts = [_read_spec(config, spec, augment) for spec in specs]
+    return [_read_spec(config, spec, augment) for spec in specs]
+
+
+def _read_split(config: ExperimentConfig, split: str, augment: bool) -> Dataset:
+    parts = _split_parts(config, split, augment)
     names = {tuple(part.class_names) for part in parts}
     if len(names) != 1:
+        specs = getattr(config.data, split)  # (a data.yaml's folders share its class names)
         raise ConfigError(f"data.{split}: the parts {specs} have different class lists {sorted(names)}")
     count = len(next(iter(names)))
     if count != config.model.num_classes:
@@ -363,35 +400,6 @@ def build_model(config: ExperimentConfig) -> nn.Module:
     return build(spec.name, kwargs)
 
 
-def save_model(model: nn.Module, path: Path, map50: float | None = None) -> Path:
-    """Write an unpruned model in the teacher-checkpoint format (builder record, fp32 weights, mAP@0.5)."""
-    builder = getattr(model, "gcp_builder", None)
-    if builder is None:
-        raise ValueError("save_model stores gcp.models detectors (they carry model.gcp_builder)")
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return atomic_torch_save({"builder": json.dumps(builder), "state_dict": state, "map50": map50}, path)
-
-
-def load_model(path: str | Path) -> nn.Module:
-    """Any model file of a run: a pruned checkpoint (through ``gcp.load_pruned``) or a dense one."""
-    from .models import build
-    from .serialize import FORMAT as PRUNED_FORMAT
-    from .serialize import load_pruned
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(payload, dict) and payload.get("format") == PRUNED_FORMAT:
-        return load_pruned(path)
-    if not isinstance(payload, dict) or not {"builder", "state_dict"} <= set(payload):
-        raise ValueError(f"{path} is neither a gcp model file (builder + state_dict) nor a pruned checkpoint")
-    builder = json.loads(payload["builder"])
-    model = build(builder["name"], builder["kwargs"])
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
-
-
 def save_pruned_like(model: nn.Module, template: Path, path: Path) -> Path:
     """Save a trained pruned model with the pruning history of ``template`` (the file it was loaded from), so
     ``gcp.load_pruned`` rebuilds it too."""
@@ -409,6 +417,145 @@ def _require(path: Path, how: str) -> Path:
     if not path.is_file():
         raise RunError(f"{path} does not exist; {how}")
     return path
+
+
+# ------------------------------------------------------------------------------------------- model families
+
+
+class ModelFamily:
+    """What the stages need to know about one family of models, chosen once per run (:func:`model_family`):
+    how model files are read and written, how a model is trained, scored and exported.
+
+    The stages are the same for every family and call only these methods, so a family is one class rather than
+    a test in every stage. This class is gcp's own detectors (:mod:`gcp.models`): weights-only model files
+    (:mod:`gcp.serialize`), trained by :func:`gcp.train.fit`. A user's Ultralytics detector is
+    :class:`gcp.adapters.ultralytics_pipeline.UltralyticsFamily`.
+    """
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+
+    def build(self) -> nn.Module:
+        """The model ``gcp train`` starts from."""
+        return build_model(self.config)
+
+    def import_trained(self, run: RunDir) -> None:
+        """Write ``trained.pt`` from the config, for a family whose runs start from the user's trained model;
+        gcp's own runs start with ``gcp train`` (or the demo's teacher), so nothing is written here."""
+
+    def load(self, path: Path) -> nn.Module:
+        """A model file (the run's, or one given by --weights, --teacher or --checkpoint) in eval mode."""
+        return load_model(path)
+
+    def fit(
+        self,
+        ctx: Context,
+        model: nn.Module,
+        settings: FitConfig,
+        stage: str,
+        output: Path,
+        *,
+        like: Path | None = None,
+        hooks: Sequence[Any] = (),
+    ) -> Path:
+        """Train ``model`` (in place) with ``settings`` and ``hooks`` in ``fits/<stage>/`` (continued there with
+        --resume), then write it to ``output``: a dense model file, or, with ``like`` (the pruned file it was
+        loaded from), a pruned checkpoint with that file's pruning history."""
+        out_dir = ctx.run.fit_dir(stage)
+        _fit(ctx, model, settings, out_dir, hooks=hooks)
+        if like is None:
+            return save_model(model, output, _last_map50(out_dir))
+        return save_pruned_like(model, like, output)
+
+    def distill(
+        self,
+        ctx: Context,
+        student: nn.Module,
+        teacher: nn.Module,
+        stage: str,
+        output: Path,
+        *,
+        like: Path,
+        terms: Path,
+    ) -> Path:
+        """:meth:`fit` with the ``distill`` settings and group spatial attention distillation from ``teacher``
+        (paper §4.3, eq. 4); the terms' values and gradient norms per epoch go to ``terms``."""
+        from distill import GroupAttentionDistiller
+
+        distiller = GroupAttentionDistiller(
+            teacher, student, ctx.example_inputs, **distill_options(ctx.config)
+        )
+        try:
+            path = self.fit(ctx, student, ctx.config.distill, stage, output, like=like, hooks=[distiller])
+        finally:
+            distiller.close()
+        atomic_write_json(terms, {"history": distiller.log.history})
+        return path
+
+    def save_pruned(self, result: Any, path: Path, source: Path) -> Path:
+        """Write the ``PruneResult`` of pruning the model in ``source`` to ``path``."""
+        return result.save(path)
+
+    def pruning_report(self, path: Path, model: nn.Module) -> dict[str, Any] | None:
+        """The pruning report recorded with a model file (``path``, loaded as ``model``); None when unpruned."""
+        from .serialize import read_pruned
+
+        try:
+            return read_pruned(path)[0]["report"]
+        except ValueError:  # a dense model file
+            return None
+
+    def postprocess(
+        self, model: nn.Module, outputs: Any, conf_thres: float, iou_thres: float, max_det: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections per image from the model's outputs, for :func:`gcp.evaluate`."""
+        from .models import postprocess
+
+        return postprocess(model, outputs, conf_thres, iou_thres, max_det)
+
+    def network(self, model: nn.Module) -> nn.Module:
+        """What is exported and timed: the network up to its raw head outputs (gcp's detectors are exactly that)."""
+        return model
+
+    def extra_scores(self, ctx: Context, path: Path) -> dict[str, Any]:
+        """Further numbers for a model file's report row, beyond gcp's evaluator (none for gcp's detectors)."""
+        return {}
+
+
+def model_family(config: ExperimentConfig) -> ModelFamily:
+    """The family of ``model.name``; an optional package it needs and lacks is a one-line ConfigError."""
+    if config.model.name != "ultralytics":
+        return ModelFamily(config)
+    try:
+        from .adapters.ultralytics_pipeline import UltralyticsFamily
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("ultralytics"):
+            raise
+        raise ConfigError(
+            "model.name: ultralytics needs the ultralytics package; install it with pip install 'gcp[ultralytics]'",
+            "model.name",
+        ) from None
+    return UltralyticsFamily(config)
+
+
+def distill_options(config: ExperimentConfig) -> dict[str, Any]:
+    """``distill.GroupAttentionDistiller``'s keyword arguments from the ``distill`` section."""
+    settings = config.distill
+    return {
+        "betas": settings.betas,
+        "temperature": settings.temperature,
+        "soft_weight": settings.soft_weight,
+        "distance": settings.distance,
+        "measure_every": settings.measure_every,
+    }
+
+
+def trained_model(ctx: Context, how: str) -> Path:
+    """The run's unpruned ``trained.pt`` (a family that starts from the user's trained model imports it on
+    first use); a RunError saying ``how`` to make it when there is none."""
+    if not ctx.run.trained.is_file():
+        ctx.family.import_trained(ctx.run)
+    return _require(ctx.run.trained, how)
 
 
 # ------------------------------------------------------------------------------------------------ the stages
@@ -432,6 +579,7 @@ def _fit(
             batch_size=ctx.config.eval.batch_size,
             conf_thres=ctx.config.eval.conf_thres,
             iou_thres=ctx.config.eval.iou_thres,
+            ap_method=ctx.config.eval.ap_method,
             device=device,
             progress=ctx.progress,
         )
@@ -474,10 +622,7 @@ def train_stage(ctx: Context) -> Path:
         prepare_data(ctx.config)
         if _skip(ctx, ctx.run.trained, "train"):
             return ctx.run.trained
-        model = build_model(ctx.config)
-        out_dir = ctx.run.fit_dir("train")
-        _fit(ctx, model, ctx.config.train, out_dir)
-        return save_model(model, ctx.run.trained, _last_map50(out_dir))
+        return ctx.family.fit(ctx, ctx.family.build(), ctx.config.train, "train", ctx.run.trained)
 
 
 def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
@@ -488,16 +633,14 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
     from .sparsity import DynamicSparsity
 
     run = ctx.run
-    source = weights or _require(
-        run.trained, f"run `gcp train --run-dir {run.path}` first, or pass --weights"
-    )
+    source = weights or trained_model(ctx, f"run `gcp train --run-dir {run.path}` first, or pass --weights")
     claim_outputs(ctx, [run.sparse, run.sparsity_history, run.fit_dir("sparse")], "sparse-train")
     with stage_log(ctx, "sparse-train"):
         if _skip(ctx, run.sparse, "sparse-train"):
             return run.sparse
         prepare_data(ctx.config)
         settings = ctx.config.sparsity
-        model = load_model(source)
+        model = ctx.family.load(source)
         hook = DynamicSparsity(
             model,
             s=settings.s,
@@ -507,11 +650,11 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
             groups=partition(model, ctx.example_inputs),
             mechanism=settings.mechanism,
             lr=settings.gamma_lr,
+            follow_schedule=settings.follow_schedule,
         )
-        out_dir = run.fit_dir("sparse")
-        _fit(ctx, model, settings, out_dir, hooks=[hook])
+        ctx.family.fit(ctx, model, settings, "sparse", run.sparse, hooks=[hook])
         hook.save_history(run.sparsity_history)
-        return save_model(model, run.sparse, _last_map50(out_dir))
+        return run.sparse
 
 
 def calibration_batches(ctx: Context, images: int) -> list[torch.Tensor]:
@@ -526,17 +669,15 @@ def calibration_batches(ctx: Context, images: int) -> list[torch.Tensor]:
 def prune_stage(ctx: Context, method: str | None = None) -> Path:
     """Prune with ``method`` (default ``prune.method``) at ``prune.ratio`` of ``prune.budget`` →
     ``pruned_<method>.pt`` (+ its report as ``prune_<method>.json``)."""
-    from . import prune_detector
-
     run, settings = ctx.run, ctx.config.prune
     method = method or settings.method
-    source = run.sparse if settings.source == "sparse" else run.trained
-    hint = (
-        "run `gcp sparse-train` first, or set prune.source=trained"
-        if settings.source == "sparse"
-        else ("run `gcp train` first")
-    )
-    _require(source, f"{hint} (run directory {run.path})")
+    if settings.source == "sparse":
+        source = _require(
+            run.sparse,
+            f"run `gcp sparse-train` first, or set prune.source=trained (run directory {run.path})",
+        )
+    else:
+        source = trained_model(ctx, f"run `gcp train` first (run directory {run.path})")
     output = run.pruned(method)
     claim_outputs(ctx, [output, run.prune_report(method)], f"prune-{method}")
     with stage_log(ctx, f"prune-{method}"):
@@ -546,22 +687,8 @@ def prune_stage(ctx: Context, method: str | None = None) -> Path:
         if groups != "auto" and not Path(groups).is_file():
             raise ConfigError(f"prune.groups: no such file: {groups} (use 'auto' or a YAML of glob patterns)")
         prepare_data(ctx.config)
-        model = load_model(source)
         ratio = settings.group_ratios if settings.allocator == "explicit" else settings.ratio
-        result = prune_detector(
-            model,
-            ctx.example_inputs,
-            ratio=ratio,
-            method=method,
-            groups=groups,
-            allocator=settings.allocator,
-            budget=settings.budget,
-            coupling=settings.coupling,
-            max_group_ratio=settings.max_group_ratio,
-            round_to=settings.round_to,
-            calib_data=calibration_batches(ctx, settings.calib_images),
-            seed=ctx.config.seed,
-        )
+        result = _prune(ctx, ctx.family.load(source), method, ratio)
         report = result.report
         LOGGER.info(
             "prune-%s: %.1f%% of %s removed; params %.0f → %.0f",
@@ -572,14 +699,62 @@ def prune_stage(ctx: Context, method: str | None = None) -> Path:
             report["params"]["after"],
         )
         atomic_write_json(run.prune_report(method), report)
-        return result.save(output)
+        return ctx.family.save_pruned(result, output, source)
+
+
+def _prune(ctx: Context, model: nn.Module, method: str, ratio: Any) -> Any:
+    """``prune_detector`` with the run's ``prune`` settings at ``ratio`` (a share, or per-group shares)."""
+    from . import prune_detector
+
+    settings = ctx.config.prune
+    return prune_detector(
+        model,
+        ctx.example_inputs,
+        ratio=ratio,
+        method=method,
+        groups=settings.groups,
+        allocator=settings.allocator,
+        budget=settings.budget,
+        coupling=settings.coupling,
+        max_group_ratio=settings.max_group_ratio,
+        round_to=settings.round_to,
+        bn_free=settings.bn_free,
+        calib_data=calibration_batches(ctx, settings.calib_images),
+        seed=ctx.config.seed,
+    )
+
+
+def sweep_stage(ctx: Context) -> list[dict[str, Any]]:
+    """Every ``demo.methods`` entry pruned from the sparse model at each ``demo.sweep`` share of
+    ``prune.budget`` and scored before any recovery, into ``report.json``'s ``sweep`` rows: the pruned curves of
+    the trade-off plot (paper Fig. 10 and Table 10: how much accuracy each cut costs as it deepens). The
+    models are not kept; only ``prune.ratio`` is recovered."""
+    settings = ctx.config
+    source = _require(ctx.run.sparse, "run `gcp sparse-train` first")
+    _mark(ctx, "sweep")
+    rows = []
+    with stage_log(ctx, "sweep"):
+        prepare_data(settings)
+        for method in settings.demo.methods:
+            for ratio in settings.demo.sweep:
+                result = _prune(ctx, ctx.family.load(source), method, ratio)
+                row = {
+                    **_score(ctx, result.model),
+                    "name": f"pruned_{method}@{ratio:g}",
+                    "stage": "pruned",
+                    "method": method,
+                    "ratio": float(result.report["achieved"]),
+                    "budget": result.report["budget"],
+                }
+                LOGGER.info("sweep: %s at %.3f mAP@0.5 %.4f", method, row["ratio"], row["map50"])
+                rows.append(row)
+        update_report(ctx.run, sweep=rows)
+    return rows
 
 
 def finetune_stage(ctx: Context, method: str) -> Path:
     """Fine-tune ``pruned_<method>.pt`` with the detection loss alone (the paper's baseline) →
     ``finetuned_<method>.pt``."""
-    from .serialize import load_pruned
-
     run = ctx.run
     pruned = _require(run.pruned(method), f"run `gcp prune --method {method} --run-dir {run.path}` first")
     stage = f"finetune-{method}"
@@ -588,70 +763,70 @@ def finetune_stage(ctx: Context, method: str) -> Path:
         if _skip(ctx, run.finetuned(method), stage):
             return run.finetuned(method)
         prepare_data(ctx.config)
-        model = load_pruned(pruned)
-        _fit(ctx, model, ctx.config.finetune, run.fit_dir(f"finetune_{method}"))
-        return save_pruned_like(model, pruned, run.finetuned(method))
+        model = ctx.family.load(pruned)
+        return ctx.family.fit(
+            ctx, model, ctx.config.finetune, f"finetune_{method}", run.finetuned(method), like=pruned
+        )
 
 
 def distill_stage(ctx: Context, method: str, teacher: Path | None = None) -> Path:
     """Train ``pruned_<method>.pt`` with group spatial attention distillation (paper §4.3, eq. 4) from the
     unpruned ``trained.pt`` (the paper's teacher is the original network, §5.4) → ``distilled_<method>.pt``."""
-    from distill import GroupAttentionDistiller
-
-    from .serialize import load_pruned
-
     run = ctx.run
     pruned = _require(run.pruned(method), f"run `gcp prune --method {method} --run-dir {run.path}` first")
-    teacher = teacher or _require(run.trained, "pass --teacher (the unpruned model file)")
+    teacher = teacher or trained_model(ctx, "pass --teacher (the unpruned model file)")
     stage = f"distill-{method}"
     claim_outputs(ctx, [run.distilled(method), run.fit_dir(f"distill_{method}")], stage)
     with stage_log(ctx, stage):
         if _skip(ctx, run.distilled(method), stage):
             return run.distilled(method)
         prepare_data(ctx.config)
-        settings = ctx.config.distill
-        student = load_pruned(pruned)
-        distiller = GroupAttentionDistiller(
-            load_model(teacher),
-            student,
-            ctx.example_inputs,
-            betas=settings.betas,
-            temperature=settings.temperature,
-            soft_weight=settings.soft_weight,
-            distance=settings.distance,
-            measure_every=settings.measure_every,
+        family = ctx.family
+        return family.distill(
+            ctx,
+            family.load(pruned),
+            family.load(teacher),
+            f"distill_{method}",
+            run.distilled(method),
+            like=pruned,
+            terms=run.distill_terms(method),
         )
-        try:
-            _fit(ctx, student, settings, run.fit_dir(f"distill_{method}"), hooks=[distiller])
-        finally:
-            distiller.close()
-        atomic_write_json(run.distill_terms(method), {"history": distiller.log.history})
-        return save_pruned_like(student, pruned, run.distilled(method))
 
 
 # ------------------------------------------------------------------------------- evaluation, export, latency
 
 
-def _pruning_facts(path: Path) -> dict[str, Any]:
-    """Achieved pruning ratio (and its budget) recorded in a pruned checkpoint; 0 for dense models."""
-    from .serialize import read_pruned
-
+def _pruning_facts(ctx: Context, path: Path, model: nn.Module) -> dict[str, Any]:
+    """Achieved pruning ratio (and its budget) recorded with a pruned model file; 0 for dense models."""
     stage, _ = describe(path)
-    if stage in ("trained", "sparse"):
-        return {"ratio": 0.0}
-    try:
-        report = read_pruned(path)[0]["report"]
-    except ValueError:  # an external file that is not a pruned checkpoint
+    report = None if stage in ("trained", "sparse") else ctx.family.pruning_report(path, model)
+    if report is None:  # also an external file that is not a pruned checkpoint
         return {"ratio": 0.0}
     return {"ratio": float(report["achieved"]), "budget": report["budget"]}
 
 
 def measure(ctx: Context, path: Path) -> dict[str, Any]:
-    """One report row: mAP on ``eval.split``, params, MACs and fp32 size of the model in ``path``."""
+    """One report row: what :func:`_score` (and the model family) measures of the model in ``path``, named
+    after the file."""
+    stage, method = describe(path)
+    model = ctx.family.load(path)
+    return {
+        "name": path.stem,
+        "stage": stage,
+        "method": method,
+        "checkpoint": str(path),
+        **_score(ctx, model),
+        **ctx.family.extra_scores(ctx, path),
+        **_pruning_facts(ctx, path, model),
+    }
+
+
+def _score(ctx: Context, model: nn.Module) -> dict[str, Any]:
+    """mAP on ``eval.split``, params, MACs and fp32 size of ``model``."""
     from .evaluate import evaluate
     from .report import count_macs_params, size_mb
 
-    model = load_model(path).to(ctx.device)
+    model = model.to(ctx.device)
     settings = ctx.config.eval
     metrics = evaluate(
         model,
@@ -659,23 +834,20 @@ def measure(ctx: Context, path: Path) -> dict[str, Any]:
         batch_size=settings.batch_size,
         conf_thres=settings.conf_thres,
         iou_thres=settings.iou_thres,
+        ap_method=settings.ap_method,
         device=ctx.device,
         progress=ctx.progress,
+        postprocess_fn=ctx.family.postprocess,
     )
     macs, params = count_macs_params(model, ctx.example_inputs.to(ctx.device))
-    stage, method = describe(path)
     return {
-        "name": path.stem,
-        "stage": stage,
-        "method": method,
-        "checkpoint": str(path),
         "split": settings.split,
         "map50": metrics["map50"],
         "map": metrics["map"],
+        "ap_method": settings.ap_method,
         "params": int(params),
         "macs": macs,
         "size_mb": size_mb(params),
-        **_pruning_facts(path),
     }
 
 
@@ -725,10 +897,10 @@ def export_stage(ctx: Context, fmt: str, checkpoints: Sequence[Path] | None = No
     with stage_log(ctx, f"export-{fmt}"):
         rows = []
         for path in _models_or_all(ctx, checkpoints):
-            model = load_model(path)
+            network = ctx.family.network(ctx.family.load(path))
             onnx_path = ctx.run.export / f"{path.stem}.onnx"
             diff = export_onnx(
-                model, torch.rand(ctx.example_inputs.shape), onnx_path, opset=ctx.config.export.opset
+                network, torch.rand(ctx.example_inputs.shape), onnx_path, opset=ctx.config.export.opset
             )
             LOGGER.info("export: %s (max |ONNX Runtime - PyTorch| = %.2e)", onnx_path, diff)
             row = {"name": path.stem, "onnx": str(onnx_path), "onnx_max_abs_diff": diff}
@@ -763,7 +935,8 @@ def latency_stage(ctx: Context, checkpoints: Sequence[Path] | None = None) -> li
     with stage_log(ctx, "bench-latency"):
         paths = _models_or_all(ctx, checkpoints)
         representative = {_architecture(p): p for p in paths}
-        models = {p.stem: load_model(p).to(ctx.device) for p in representative.values()}
+        family = ctx.family
+        models = {p.stem: family.network(family.load(p)).to(ctx.device) for p in representative.values()}
         settings = ctx.config.bench
         size = ctx.config.data.size
         timed = compare_latency(
@@ -803,8 +976,8 @@ def plot_stage(ctx: Context, kind: str) -> Path:
         if kind == "gammas":
             from grouping import partition
 
-            before = load_model(_require(run.trained, "run `gcp train` first"))
-            after = load_model(_require(run.sparse, "run `gcp sparse-train` first"))
+            before = ctx.family.load(trained_model(ctx, "run `gcp train` first"))
+            after = ctx.family.load(_require(run.sparse, "run `gcp sparse-train` first"))
             groups = partition(before, ctx.example_inputs)
             plots.plot_gamma_histograms(
                 plots.gammas_by_group(before, groups), plots.gammas_by_group(after, groups), path
@@ -816,12 +989,13 @@ def plot_stage(ctx: Context, kind: str) -> Path:
             label = "dynamic s" if saved["switch_at"] < 1.0 else "constant s"
             plots.plot_sparsity_history({label: saved["history"]}, path)
         elif kind == "tradeoff":
-            rows = tradeoff_rows(read_report(run)["rows"])
+            report = read_report(run)
+            rows = tradeoff_rows([*report["rows"], *report.get("sweep", [])])
             if not rows:
                 raise RunError(
                     f"report.json in {run.path} has no evaluated pruned models; run `gcp eval` first"
                 )
-            plots.plot_tradeoff(rows, path)
+            plots.plot_tradeoff(rows, path, budget=ctx.config.prune.budget)
         else:
             raise ValueError(f"plot kind must be gammas, sparsity or tradeoff, got {kind!r}")
         update_report(run, plots={kind: str(path)})
@@ -829,7 +1003,8 @@ def plot_stage(ctx: Context, kind: str) -> Path:
 
 
 def tradeoff_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The evaluated pruned-family rows as ``plot_tradeoff`` points: one series per method and recovery."""
+    """The evaluated pruned-family rows (and sweep rows) as ``plot_tradeoff`` points: one series per method
+    and recovery."""
     recovery = {"pruned": "", "finetuned": "+fine-tune", "distilled": "+GSA"}
     return [
         {
@@ -868,7 +1043,7 @@ def import_teacher(ctx: Context, teacher: Path | None) -> Path:
 
 def sparse_start(ctx: Context, teacher: Path | None = None) -> Path | None:
     """The model the demo's sparse training continues: ``demo.sparse_start``, else the shipped stage-1 model
-    (so 24 demo steps show what hundreds of steps make: bimodal γ); ``teacher`` or no shipped file: the
+    (so 20 demo steps show what hundreds of steps make: bimodal γ); ``teacher`` or no shipped file: the
     teacher itself (None)."""
     chosen = ctx.config.demo.sparse_start
     if chosen == "teacher":
@@ -883,6 +1058,11 @@ def run_demo(ctx: Context, teacher: Path | None = None) -> dict[str, Any]:
     """The whole method on one config: teacher → sparse training → every ``demo.methods`` pruning at the same
     budget → fine-tuning vs GSA distillation → evaluation → ONNX export and latency → plots. Returns the
     final report (rows, plots, stage times)."""
+    if ctx.config.model.name == "ultralytics":
+        raise ConfigError(
+            "gcp demo runs gcp's own YOLOv4 from the shipped DigitScenes teacher; for an Ultralytics model run "
+            "its stages: gcp sparse-train, prune, distill, eval (README, 'Your Ultralytics model')"
+        )
     claim_run_dir(ctx, "demo")
     with stage_log(ctx, "demo"):
         prepare_data(ctx.config)
@@ -892,7 +1072,10 @@ def run_demo(ctx: Context, teacher: Path | None = None) -> dict[str, Any]:
             prune_stage(ctx, method)
         for method in ctx.config.demo.methods:
             finetune_stage(ctx, method)
-            distill_stage(ctx, method)
+            if method in ctx.config.demo.distill:
+                distill_stage(ctx, method)
+        if ctx.config.demo.methods and ctx.config.demo.sweep:
+            sweep_stage(ctx)
         eval_stage(ctx)
         latency_stage(ctx)
         # With no pruning method (a sparse-training-only run, e.g. for the paper's Table 9) there is no trade-off.

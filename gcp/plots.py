@@ -327,13 +327,15 @@ def _size_legend_values(sizes: Sequence[float]) -> list[float]:
     return sorted({float(f"{value:.2g}") for value in candidates})
 
 
-def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Figure:
+def plot_tradeoff(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, budget: str = "channels"
+) -> Figure:
     """mAP@0.5 against pruning ratio per method, marker area proportional to model size (paper Fig. 10).
 
-    Each row is one pruned model: ``method`` (gcp, slim, thinet, ...), ``ratio`` (pruned fraction in [0, 1]),
-    ``map50`` (fraction in [0, 1]) and ``size_mb``. Points of one method are joined in ratio order, so the
-    figure answers the paper's question: at the same pruning ratio, which method keeps more accuracy, and how
-    large is the model it leaves.
+    Each row is one pruned model: ``method`` (gcp, slim, thinet, ...), ``ratio`` (pruned fraction in [0, 1] of
+    ``budget``: channels, macs or params), ``map50`` (fraction in [0, 1]) and ``size_mb``. Points of one method
+    are joined in ratio order, so the figure answers the paper's question: at the same pruning ratio, which
+    method keeps more accuracy, and how large is the model it leaves.
     """
     _check_png_path(path)
     points = _tradeoff_points(rows)
@@ -369,11 +371,7 @@ def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
         )
         for size in _size_legend_values([size for values in points.values() for _, _, size in values])
     ]
-    method_legend = ax.legend(
-        handles=method_handles, title="method", loc="upper left", bbox_to_anchor=(1.02, 1.0)
-    )
-    ax.add_artist(method_legend)
-    ax.legend(
+    size_legend = ax.legend(
         handles=size_handles,
         title="model size",
         loc="lower left",
@@ -381,7 +379,10 @@ def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
         labelspacing=1.6,
         borderpad=1.0,
     )
-    ax.set_xlabel("pruning ratio (%)")
+    ax.add_artist(size_legend)
+    # The axes' own legend is the one a tight bounding box always holds: the wider one, with the method names.
+    ax.legend(handles=method_handles, title="method", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    ax.set_xlabel(f"share of {'MACs' if budget == 'macs' else budget} removed (%)")
     ax.set_ylabel("mAP@0.5 (%)")
     ax.set_title("Accuracy vs pruning ratio (marker area ∝ model size)")
     ax.grid(alpha=0.3)

@@ -34,19 +34,31 @@ from .graph import build_graph, crosses_channel_split
 from .importance import (
     CONV_IN_FNS,
     CONV_OUT_FNS,
+    DEPTHWISE_FNS,
     NORM_OUT_FNS,
     L1FilterImportance,
     RandomImportance,
     ThiNetImportance,
     coupled_scores,
 )
+from .latency import (
+    LatencyTable,
+    LatencyTimer,
+    TracedNetwork,
+    cache_dir,
+    conv_specs,
+    latency_table,
+    resolve_timer,
+)
+from .limits import PRUNE_RATIO
 from .report import build_report, out_channels
 
 METHODS = ("gcp", "slim", "thinet", "l1", "random")
 ALLOCATORS = ("explicit", "paper", "valley")
-BUDGETS = ("channels", "params", "macs")
+BUDGETS = ("channels", "params", "macs", "latency")
 COUPLINGS = ("vote", "mean", "max")
-OUT_FNS = CONV_OUT_FNS + NORM_OUT_FNS
+BN_FREE = ("l1", "keep")
+OUT_FNS = CONV_OUT_FNS + DEPTHWISE_FNS + NORM_OUT_FNS
 
 
 @dataclass
@@ -111,6 +123,7 @@ def _validate(
     round_to: int | None,
     min_keep: int,
     max_group_ratio: float,
+    bn_free: str,
 ) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -120,12 +133,14 @@ def _validate(
         raise ValueError(f"unknown budget {budget!r}; choose from {BUDGETS}")
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
+    if bn_free not in BN_FREE:
+        raise ValueError(f"unknown bn_free {bn_free!r}; choose from {BN_FREE}")
     if isinstance(ratio, Mapping):
         if method != "gcp" or allocator != "explicit":
             raise ValueError("per-group ratios (a mapping) need method='gcp' and allocator='explicit'")
     else:
-        if not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0.0 < float(ratio) < 1.0:
-            raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
+        if ratio not in PRUNE_RATIO:
+            raise ValueError(f"ratio must be a number in {PRUNE_RATIO}, got {ratio!r}")
         if method == "gcp" and allocator == "explicit":
             raise ValueError("allocator='explicit' needs ratio as a mapping group name -> ratio")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
@@ -190,14 +205,25 @@ def _units(model: nn.Module, graph: Any, ignored: list[nn.Module]) -> list[Unit]
     return units
 
 
-def _check_round_to(units: Sequence[Unit], round_to: int | None) -> None:
-    if round_to is None:
-        return
-    for unit in units:
-        if unit.size < round_to:
-            raise ValueError(
-                f"round_to={round_to} is larger than layer {unit.root_name!r}, which has {unit.size} channels"
-            )
+def _check_round_to(units: Sequence[Unit], round_to: int | None) -> list[str]:
+    """The layers too small to round (fewer channels than ``round_to``): they are left whole, and a warning
+    names them. A stem of 8 channels must not stop ``round_to=16`` for the rest of the network; only a
+    ``round_to`` above every prunable layer is refused."""
+    if round_to is None or round_to == 1 or not units:
+        return []
+    small = [u.root_name for u in units if u.size < round_to]
+    if len(small) == len(units):
+        largest = max(units, key=lambda u: u.size)
+        raise ValueError(
+            f"round_to={round_to} is larger than every prunable layer (the largest, {largest.root_name!r}, has "
+            f"{largest.size} channels); pass a smaller round_to, or round_to=1 not to round"
+        )
+    if small:
+        warnings.warn(
+            f"round_to={round_to}: {len(small)} layers have fewer channels and are left whole, e.g. {small[:4]}",
+            stacklevel=3,
+        )
+    return small
 
 
 def _give_back(prune: torch.Tensor, rank: torch.Tensor, candidates: torch.Tensor, count: int) -> None:
@@ -224,7 +250,11 @@ def _constrain(
 
 
 class _Decider:
-    """Turns thresholds (γ methods) or a uniform fraction (l1/thinet/random) into per-unit prune masks."""
+    """Turns thresholds (γ methods) or a uniform fraction (l1/thinet/random) into per-unit prune masks.
+
+    ``secondary`` (γ methods) holds a score for each unit that carries no BatchNorm, None for the others:
+    such units have no γ to threshold and are ranked by it instead (see :meth:`by_thresholds`).
+    """
 
     def __init__(
         self,
@@ -232,10 +262,12 @@ class _Decider:
         floor: int,
         round_to: int | None,
         scores: Mapping[str, torch.Tensor] | None = None,
+        secondary: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         self.units = units
         self.floor = floor
         self.round_to = round_to
+        self.secondary = secondary
         self.gammas = [
             [
                 (scores[m.name] if scores is not None else m.module.weight.detach().abs().float().cpu())[
@@ -247,7 +279,13 @@ class _Decider:
         ]
 
     def by_thresholds(self, thresholds: Mapping[str, float], coupling: str) -> list[torch.Tensor]:
+        """Masks from per-layer |γ| thresholds, coupled channels decided by ``coupling`` (§4.2.3).
+
+        Units without a BatchNorm lose, by their ``secondary`` score, the share of γ channels the thresholds
+        remove from the units that have one: the paper's criterion decides how much goes, and where it can.
+        """
         masks = []
+        removed = total = 0
         for unit, gammas in zip(self.units, self.gammas):
             if not unit.norms:
                 masks.append(torch.zeros(unit.size, dtype=torch.bool))
@@ -261,20 +299,25 @@ class _Decider:
                 covered[r] = True
             prune = (score <= 0.5 if coupling == "vote" else score < 1.0) & covered
             masks.append(_constrain(unit, prune, rank, self.floor, self.round_to))
+            removed += sum(int(masks[-1][m.root].sum()) for m in unit.norms)
+            total += sum(m.root.numel() for m in unit.norms)
+        for i, score in enumerate(self.secondary or []):
+            if score is not None:
+                masks[i] = self._fraction_mask(self.units[i], score, removed / max(total, 1))
         return masks
 
     def by_fraction(self, scores: Sequence[torch.Tensor], fraction: float) -> list[torch.Tensor]:
-        masks = []
-        for unit, score in zip(self.units, scores):
-            n_prune = int(math.floor(fraction * unit.size))
-            prune = torch.zeros(unit.size, dtype=torch.bool)
-            prune[torch.argsort(score)[:n_prune]] = True
-            masks.append(_constrain(unit, prune, score, self.floor, self.round_to))
-        return masks
+        return [self._fraction_mask(unit, score, fraction) for unit, score in zip(self.units, scores)]
+
+    def _fraction_mask(self, unit: Unit, score: torch.Tensor, fraction: float) -> torch.Tensor:
+        prune = torch.zeros(unit.size, dtype=torch.bool)
+        prune[torch.argsort(score)[: int(math.floor(fraction * unit.size))]] = True
+        return _constrain(unit, prune, score, self.floor, self.round_to)
 
 
 class _Budget:
-    """Measures what a set of prune masks removes: γ entries, parameters or MACs (fractions of the total)."""
+    """Measures what a set of prune masks removes: γ entries, parameters, MACs or predicted latency (fractions
+    of the total)."""
 
     def __init__(
         self,
@@ -284,9 +327,12 @@ class _Budget:
         layer_params: Mapping[nn.Module, float],
         total_macs: float,
         total_params: float,
+        latency: LatencyTable | None = None,
     ) -> None:
         self.units = units
         self.kind = kind
+        self.latency = latency
+        self.names = {m.module: m.name for u in units for m in (*u.outs, *u.ins)}
         self.total_carriers = sum(m.local.numel() for u in units for m in u.carriers)
         self.costs = {"macs": (layer_macs, total_macs), "params": (layer_params, total_params)}
         self.base_out: dict[nn.Module, int] = {}
@@ -304,7 +350,11 @@ class _Budget:
         """Fraction of the model's ``kind`` (channels, params or macs) that ``masks`` remove.
 
         For MACs this is exact arithmetic, not an estimate: a conv's MACs are out × in/groups × k² × H × W, so
-        removing channels scales them by the kept fractions.
+        removing channels scales them by the kept fractions. Parameters likewise, except that a bias only
+        shrinks with the outputs. A depthwise conv (and a BatchNorm) loses inputs and outputs together, so its
+        cost scales once, by the kept outputs.
+
+        Latency is the :class:`gcp.latency.LatencyTable`'s prediction from each conv's kept channel counts.
         """
         if kind == "channels":
             pruned = sum(int(mask[m.root].sum()) for u, mask in zip(self.units, masks) for m in u.carriers)
@@ -316,6 +366,13 @@ class _Budget:
                 out_pruned[m.module] = out_pruned.get(m.module, 0) + int(mask[m.root].sum())
             for m in unit.ins:
                 in_pruned[m.module] = in_pruned.get(m.module, 0) + int(mask[m.root].sum())
+        if kind == "latency" and self.latency is not None:
+            return self.latency.removed_fraction(
+                {
+                    self.names[m]: (in_pruned.get(m, 0), out_pruned.get(m, 0))
+                    for m in set(out_pruned) | set(in_pruned)
+                }
+            )
         costs, total = self.costs[kind]
         removed = 0.0
         for module in set(out_pruned) | set(in_pruned):
@@ -329,7 +386,9 @@ class _Budget:
                 keep = keep_out
             else:
                 keep = keep_out * keep_in
-            removed += cost * (1.0 - keep)
+            bias = getattr(module, "bias", None)
+            per_output = float(bias.numel()) if kind == "params" and isinstance(bias, torch.Tensor) else 0.0
+            removed += (cost - per_output) * (1.0 - keep) + per_output * (1.0 - keep_out)
         return removed / max(total, 1.0)
 
 
@@ -378,17 +437,47 @@ def _input_means(
     return {m: sums[m] / max(counts[m], 1) for m in sums}
 
 
+def _constant_response(
+    module: nn.Module, mean: torch.Tensor, removed: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """What constant inputs ``mean`` on input channels ``removed`` add to each output channel of ``module``.
+
+    Returns the per-output-channel shift and whether it is exact (the same at every output position, away from
+    zero-padded borders). A linear layer or convolution adds Σ_k W[o, c, k] · mean_c: exact. A transposed
+    convolution (weight (in, out, k…)) sends input pixel i to outputs i · s − p + k · d, so output position q
+    receives only the taps with k · d ≡ q + p (mod s), one residue class per dim: a constant input becomes a
+    pattern that repeats every s pixels (stride = kernel: the tiled kernel itself), which a per-channel bias
+    cannot hold unless the classes sum alike (always for s = 1). Each of the s classes covers the same share of
+    the output, so we fold the pattern's spatial mean, Σ_k W[c, o, k] · mean_c / Π s: the least-squares
+    constant, leaving every output channel's mean unchanged and a zero-mean periodic residual.
+    """
+    weight = module.weight.detach().float()
+    mean = mean.to(weight.device)
+    if isinstance(module, nn.Linear):
+        return weight[:, removed] @ mean, True
+    if not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return (weight[:, removed].flatten(2).sum(-1) * mean).sum(1), True
+    pattern = torch.einsum("c o ..., c -> o ...", weight[removed], mean)  # (out, k1, ..., kn)
+    for axis, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation), start=1):
+        classes = nn.functional.one_hot((torch.arange(k) * d) % s, s).to(pattern)  # tap -> residue class
+        pattern = (pattern.movedim(axis, -1) @ classes).movedim(-1, axis)
+    shift = pattern.flatten(1).mean(1)
+    residual = (pattern.flatten(1) - shift[:, None]).abs().max()
+    return shift, bool(residual <= 1e-6 * max(float(pattern.abs().max()), 1e-12))
+
+
 def _compensate(
     graph: Any, units: Sequence[Unit], masks: Sequence[torch.Tensor], means: Mapping[nn.Module, torch.Tensor]
 ) -> int:
     """Fold the mean activation of every removed channel into its consumers (bias or next BN running mean).
 
     A removed channel still carried a value: for γ = 0 exactly the constant act(β), otherwise on average its
-    mean. Its consumer conv W added Σ_k W[o, c, k] · mean_c to output o; we add that to the consumer's bias,
-    or subtract it from the running mean of the BatchNorm right after a bias-free conv. Returns the number of
-    removed consumer channels that had nowhere to fold into (warned about).
+    mean. Its consumer added the response to that constant (:func:`_constant_response`) to each output; we add
+    it to the consumer's bias, or subtract it from the running mean of the BatchNorm right after a bias-free
+    layer. Returns the number of removed consumer channels that had nowhere to fold into; those and the ones a
+    transposed conv spreads into a position-dependent pattern are warned about.
     """
-    uncompensated = 0
+    uncompensated = approximate = 0
     with torch.no_grad():
         for unit, mask in zip(units, masks):
             for member in unit.ins:
@@ -396,26 +485,31 @@ def _compensate(
                 removed = member.local[mask[member.root]]
                 if removed.numel() == 0 or module not in means:
                     continue
-                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
                     continue  # depthwise consumers lose the matching outputs too: nothing left to fold into
-                mean = means[module][removed]
-                weight = module.weight.detach().float()
-                w = weight[:, removed].flatten(2).sum(-1) if weight.dim() == 4 else weight[:, removed]
-                delta = (w * mean.to(w.device)).sum(1)
+                delta, exact = _constant_response(module, means[module][removed].float(), removed)
                 if not torch.isfinite(delta).all():
                     continue
                 if getattr(module, "bias", None) is not None:
                     module.bias.add_(delta.to(module.bias.dtype))
-                    continue
-                norm = _following_norm(graph, module)
-                if norm is not None and norm.running_mean is not None:
-                    norm.running_mean.sub_(delta.to(norm.running_mean.dtype))
                 else:
-                    uncompensated += int(removed.numel())
+                    norm = _following_norm(graph, module)
+                    if norm is None or norm.running_mean is None:
+                        uncompensated += int(removed.numel())
+                        continue
+                    norm.running_mean.sub_(delta.to(norm.running_mean.dtype))
+                approximate += 0 if exact else int(removed.numel())
     if uncompensated:
         warnings.warn(
             f"{uncompensated} removed channels feed a bias-free layer with no BatchNorm after it; their mean "
             "activation could not be folded (the pruned model may shift slightly until fine-tuned)",
+            stacklevel=3,
+        )
+    if approximate:
+        warnings.warn(
+            f"{approximate} removed channels feed a transposed conv with stride > 1, which turns their constant "
+            "activation into a pattern repeating every stride pixels; its spatial mean was folded into the bias, "
+            "the zero-mean rest is lost until fine-tuned",
             stacklevel=3,
         )
     return uncompensated
@@ -486,6 +580,48 @@ def _producer_filter_norms(graph: Any, norm: nn.Module) -> torch.Tensor | None:
     if isinstance(producer, nn.modules.conv._ConvTransposeNd):
         w = w.transpose(0, 1)
     return w.flatten(1).norm(dim=1)
+
+
+def _bn_free_scores(units: Sequence[Unit]) -> list[torch.Tensor | None]:
+    """Filter L1 norm (the ranking of ``method="l1"``) of every unit without a BatchNorm; None for the others."""
+    scorer = L1FilterImportance()
+    scores: list[torch.Tensor | None] = []
+    for unit in units:
+        if unit.norms:
+            scores.append(None)
+            continue
+        score = scorer(unit.group)
+        scores.append(score.float().cpu() if score is not None else torch.zeros(unit.size))
+    return scores
+
+
+def _bn_free_layers(
+    units: Sequence[Unit], bn_free: str, layer_params: Mapping[nn.Module, float], params: float
+) -> dict[str, Any]:
+    """The layers whose channels no γ can rank (their coupled unit has no BatchNorm) and their share of params.
+
+    The paper's criterion (§4.2) is BatchNorm |γ|; a γ method that left such layers whole would miss a ratio of
+    the model by far on detectors whose heads carry no BatchNorm (Faster R-CNN's box head: two thirds of its
+    params), so by default (``bn_free="l1"``) they are ranked by filter L1 norm instead. Either way the report
+    and a warning name them, so what a γ method could not decide is never silent. ``layer_params`` maps every
+    module of the model, in its order, to its own parameter count.
+    """
+    found = {m.module: m.name for u in units if not u.norms for m in u.outs}
+    layers = {found[m]: m for m in layer_params if m in found}  # in the model's order
+    share = sum(layer_params[m] for m in layers.values()) / max(params, 1.0)
+    if layers:
+        how = (
+            "were ranked by filter L1 norm and lose the share of γ channels removed elsewhere (bn_free='keep' "
+            "leaves them whole)"
+            if bn_free == "l1"
+            else "were left whole: no γ method can prune them (bn_free='l1' ranks them by filter L1 norm)"
+        )
+        warnings.warn(
+            f"{len(layers)} layers without BatchNorm ({share:.1%} of params, e.g. {list(layers)[:4]}) have no "
+            f"γ; they {how}",
+            stacklevel=3,
+        )
+    return {"handling": bn_free, "layers": list(layers), "params_share": share}
 
 
 @dataclass
@@ -635,6 +771,57 @@ def _decide_by_rank(
     return masks
 
 
+def _latency_timer(
+    budget: str, latency: str | LatencyTimer | None, latency_cache: Any, example_inputs: Any
+) -> LatencyTimer | None:
+    """The timer of ``budget="latency"`` (None for the other budgets), checked before the model is touched."""
+    if budget != "latency":
+        if latency is not None or latency_cache is not None:
+            raise ValueError(f"latency= and latency_cache= apply to budget='latency', not budget={budget!r}")
+        return None
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
+        raise ValueError(
+            "budget='latency' times the network on one image batch: pass example_inputs as a tensor (B, 3, H, W)"
+        )
+    cache_dir(latency_cache)  # refuses a path that is a file
+    return resolve_timer(latency)
+
+
+def _latency_table(
+    model: nn.Module,
+    images: torch.Tensor,
+    forward_fn: ForwardFn | None,
+    traced: _Traced,
+    units: Sequence[Unit],
+    timer: LatencyTimer,
+    latency_cache: Any,
+) -> LatencyTable:
+    """The network's per-layer latency table on the timer's runtime (cached; see :mod:`gcp.latency`), with
+    grid points only along the channel axes that pruning can change."""
+    names = {m: n for n, m in model.named_modules()}
+    specs = conv_specs(
+        traced.seen.input_shapes,
+        names,
+        traced.graph,
+        prunable_in={m.module for u in units for m in u.ins},
+        prunable_out={m.module for u in units for m in u.outs},
+        align=timer.align,
+    )
+    return latency_table(model, specs, TracedNetwork(model, forward_fn), images, timer, latency_cache)
+
+
+def _latency_report(table: LatencyTable, cut: float) -> dict[str, Any]:
+    """The report's ``latency`` entry: which runtime, its measured time and the predicted one after ``cut``."""
+    return {
+        **{k: table.info[k] for k in ("runtime", "version", "threads", "device")},
+        "table": str(table.path),
+        "measured_ms": table.model_ms,
+        "remainder_ms": table.remainder_ms,
+        "predicted_ms": table.model_ms * (1.0 - cut),
+        "pruned": cut,
+    }
+
+
 def _remove(graph: Any, units: Sequence[Unit], masks: Sequence[torch.Tensor]) -> list[list[Any]]:
     """Let the DependencyGraph remove each unit's masked channels; returns the replayable history."""
     for unit, mask in zip(units, masks):
@@ -664,6 +851,9 @@ def prune_detector(
     calib_data: Any = None,
     seed: int = 0,
     adapter: str | Adapter | None = "auto",
+    bn_free: str = "l1",
+    latency: str | LatencyTimer | None = None,
+    latency_cache: str | Path | None = None,
 ) -> PruneResult:
     """Structurally prune ``model`` in place so that ``ratio`` of its ``budget`` is removed.
 
@@ -676,6 +866,21 @@ def prune_detector(
     an output) keep their outputs; ``ignored_layers`` adds more. Removed channels' mean activations are folded
     into their consumers. Bad input raises before the model is touched.
 
+    ``bn_free`` (gcp/slim) decides the channels of coupled units that carry no BatchNorm, hence no γ (FPN,
+    RPN and Faster R-CNN's fully connected box head): ``"l1"`` (default) ranks them by filter L1 norm and removes
+    the share of γ channels the thresholds remove from the BatchNorm layers, whose decisions stay the paper's;
+    ``"keep"`` leaves them whole. The report's ``bn_free`` entry and a warning name those layers.
+
+    ``budget`` is what ``ratio`` counts: BatchNorm channels (the paper's), parameters, MACs, or ``"latency"``:
+    the network's predicted time on a runtime, from a per-layer table measured there (``latency``:
+    ``"onnxruntime"``, the default, ``"tensorrt"``, or a :class:`gcp.latency.OnnxRuntimeTimer` with its threads)
+    and cached on disk (``latency_cache``: a folder, default ``$GCP_CACHE_DIR/latency`` or
+    ``~/.cache/gcp/latency``), so the first call on an architecture takes minutes and later ones none; see
+    :mod:`gcp.latency` for the model. Predictions hold for channel counts in the runtime's multiples, so with
+    that budget ``round_to`` defaults to the runtime's channel block (8, or 16 on AVX-512 CPUs; ``round_to=1``
+    does not round). A layer with fewer channels than ``round_to`` is left whole and named in a warning and the
+    report (``round_to``).
+
     ``max_group_ratio`` (gcp only) caps the share of one group's γ that its threshold may remove (default 0.9,
     so no group is emptied), see :func:`grouping.allocate`.
 
@@ -685,11 +890,12 @@ def prune_detector(
     keeps the layers the family needs whole. ``None`` uses the model as given. The rewrite happens before the
     model is inspected (it renames layers); when a later check refuses the model, the rewrite is undone.
     """
-    _validate(ratio, method, allocator, budget, coupling, round_to, min_keep, max_group_ratio)
+    _validate(ratio, method, allocator, budget, coupling, round_to, min_keep, max_group_ratio, bn_free)
     if method == "thinet" and calib_data is None:
         raise ValueError(
             "method='thinet' needs calib_data: a few image batches to measure reconstruction error"
         )
+    timer = _latency_timer(budget, latency, latency_cache, example_inputs)
     family = resolve_adapter(model, adapter)
     undo_rewrite = snapshot_submodules(model)
     if family is not None:  # output-identical rewrite, before the layers are inspected (their names change)
@@ -708,25 +914,34 @@ def prune_detector(
         modules = dict(model.named_modules())
         ignored = ignored + [modules[p] for p in seen.predictions if modules[p] not in ignored]
         units = _units(model, traced.graph, ignored)
-        _check_round_to(units, round_to)
+        table = (
+            None
+            if timer is None
+            else _latency_table(model, example_inputs, forward_fn, traced, units, timer, latency_cache)
+        )
+        round_to = timer.align if timer is not None and round_to is None else round_to
+        too_small = _check_round_to(units, round_to)
         batch = first_image_tensor(example_inputs).shape[0]
         macs = sum(seen.macs.values()) / batch
         params = float(sum(p.numel() for p in model.parameters()))
         layer_params = {
             m: float(sum(p.numel() for p in m.parameters(recurse=False))) for m in model.modules()
         }
-        measure = _Budget(units, budget, seen.macs, layer_params, sum(seen.macs.values()), params)
+        measure = _Budget(units, budget, seen.macs, layer_params, sum(seen.macs.values()), params, table)
         batches = _calibration_batches(calib_data, example_inputs)
 
         part: list[Group] | None = None
         thresholds: dict[str, float] = {}
+        without_bn: dict[str, Any] | None = None
         if method in ("gcp", "slim"):
             scores = gamma_scores(traced.graph, norms)
-            decider = _Decider(units, max(min_keep, round_to or 1), round_to, scores)
+            secondary = _bn_free_scores(units) if bn_free == "l1" else None
+            decider = _Decider(units, max(min_keep, round_to or 1), round_to, scores, secondary)
             part = _gamma_groups(model, example_inputs, groups, method, allocator, traced, norms, units)
             thresholds, masks = _decide_by_gamma(
                 part, scores, ratio, method, allocator, coupling, max_group_ratio, decider, measure
             )
+            without_bn = _bn_free_layers(units, bn_free, layer_params, params)
         else:
             decider = _Decider(units, max(min_keep, round_to or 1), round_to)
             masks = _decide_by_rank(model, method, ratio, units, batches, forward_fn, seed, decider, measure)
@@ -749,6 +964,9 @@ def prune_detector(
             macs_after=macs * (1.0 - measure.fraction(masks, "macs")),
             groups=part,
             thresholds=thresholds,
+            bn_free=without_bn,
+            round_to={"multiple": round_to, "left_whole": too_small} if round_to else None,
+            latency=_latency_report(table, measure.fraction(masks, "latency")) if table is not None else None,
         )
     except BaseException:
         if not channels_removed:

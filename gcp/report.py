@@ -64,8 +64,17 @@ def build_report(
     macs_after: float,
     groups: Sequence[Group] | None,
     thresholds: Mapping[str, float],
+    bn_free: Mapping[str, Any] | None = None,
+    round_to: Mapping[str, Any] | None = None,
+    latency: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the JSON-serialisable report of a finished pruning run."""
+    """Assemble the JSON-serialisable report of a finished pruning run.
+
+    ``bn_free`` (γ methods only, else None) names the layers without BatchNorm that no γ can rank, how they
+    were handled and their share of the params before pruning, so a γ method's reach is never silent.
+    ``round_to`` (None without rounding) gives the channel multiple and the layers left whole as too small for
+    it; ``latency`` (``budget="latency"`` only) the runtime, its measured and predicted whole-network times.
+    """
     macs_before, params_before, channels_before = before
     params_after = float(sum(p.numel() for p in model.parameters()))
     modules = dict(model.named_modules())
@@ -86,6 +95,9 @@ def build_report(
             "pruned": 1 - macs_after / max(macs_before, 1.0),
         },
         "size_mb": {"before": size_mb(params_before), "after": size_mb(params_after)},
+        "bn_free": dict(bn_free) if bn_free is not None else None,
+        "round_to": dict(round_to) if round_to is not None else None,
+        "latency": dict(latency) if latency is not None else None,
         "groups": [],
         "layers": [
             {"name": n, "before": channels_before[n], "after": channels_after.get(n, channels_before[n])}

@@ -63,6 +63,11 @@ class DynamicSparsity:
     (e.g. from :func:`grouping.partition`) only changes how :meth:`stats` reports; the schedule ranks channels
     across the whole model, as §4.1 describes ("30 % of the channels"). ``switch_at=1.0`` gives constant-rate
     Network Slimming sparse training.
+
+    ``follow_schedule=True`` scales ``lr`` (data step and push alike) by the trainer's lr schedule (``on_lr``,
+    called by ``gcp.train.fit`` every step): channels are then cut while the rest of the network still learns
+    fast enough to take over their work, and the last, small steps let it settle. With a constant γ lr the
+    cuts keep coming while a cosine schedule has nearly stopped the network.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class DynamicSparsity:
         groups: Sequence[Group] | None = None,
         mechanism: str = "layer_relative",
         lr: float = 0.02,
+        follow_schedule: bool = False,
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown sparsity mechanism {mechanism!r}; choose from {MECHANISMS}")
@@ -106,6 +112,8 @@ class DynamicSparsity:
         self.decay = decay
         self.mechanism = mechanism
         self.lr = lr
+        self.follow_schedule = follow_schedule
+        self._lr_scale = 1.0
         self.groups = list(groups) if groups is not None else [Group("all", list(norms), 0, "all")]
         self.history: list[dict[str, Any]] = []
         self._protected_epoch: int | None = None
@@ -160,6 +168,10 @@ class DynamicSparsity:
 
     after_backward = step
 
+    def on_lr(self, scale: float) -> None:
+        """The trainer's lr of this step over its base lr; γ's own lr follows it with ``follow_schedule``."""
+        self._lr_scale = float(scale) if self.follow_schedule else 1.0
+
     def _add_subgradient(self, rates: dict[str, torch.Tensor]) -> None:
         """Eq. 3: add s_d·sign(γ) to γ.grad of every penalised layer; the optimiser takes the step."""
         for name, rate in rates.items():
@@ -190,8 +202,9 @@ class DynamicSparsity:
         # push_i = s·(1 − |γ_i|·contrast), clipped at 0: channels below the layer's contrast point are shrunk,
         # harder the further below; none is pushed up (growth would change Mish layers' function)
         push = rate * torch.clamp(1.0 - gamma.abs() * contrast, min=0.0)
-        z = gamma - self.lr * data_step
-        shrunk = torch.sign(z) * torch.clamp(z.abs() - self.lr * push, min=0.0)  # proximal: exact zeros
+        lr = self.lr * self._lr_scale
+        z = gamma - lr * data_step
+        shrunk = torch.sign(z) * torch.clamp(z.abs() - lr * push, min=0.0)  # proximal: exact zeros
         weight.data.copy_(shrunk.to(weight.dtype))
 
     def stats(self) -> dict[str, dict[str, float]]:

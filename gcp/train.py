@@ -55,6 +55,9 @@ EMA_DECAY = 0.9999
 # initial weights.
 EMA_RAMP_UPDATES = 2000
 OPTIMIZERS = ("sgd", "adamw")
+# How loss_fn and the hooks' terms reduce over the images of a batch ("sum": gcp.loss.YoloLoss and the
+# distiller's default); it decides whether DDP's gradient average must be scaled back up (see fit).
+LOSS_REDUCTIONS = ("sum", "mean")
 LossFn = Callable[[list[torch.Tensor], list[dict[str, Any]]], Mapping[str, torch.Tensor]]
 
 
@@ -357,6 +360,7 @@ def _check_arguments(
     max_steps_per_epoch: int | None,
     resume: bool,
     out_dir: str | os.PathLike | None,
+    loss_reduction: str,
 ) -> None:
     problems = []
     if not isinstance(epochs, int) or epochs < 1:
@@ -381,6 +385,8 @@ def _check_arguments(
         problems.append(f"num_workers must be non-negative, got {num_workers}")
     if max_steps_per_epoch is not None and max_steps_per_epoch < 1:
         problems.append(f"max_steps_per_epoch must be at least 1 or None, got {max_steps_per_epoch}")
+    if loss_reduction not in LOSS_REDUCTIONS:
+        problems.append(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
     if resume and out_dir is None:
         problems.append("resume=True needs out_dir (the folder holding last.pt)")
     if len(train_data) == 0:
@@ -442,6 +448,10 @@ class _Trainer:
         self.history: dict[str, list] = {}
         self.best_map50: float | None = None
         self.train_model: nn.Module = self.module
+        # DDP averages the ranks' gradients. A loss summed over this rank's B images, times the world size N,
+        # makes that average the gradient of the sum over all N·B images: one process's step on them.
+        summed = config["loss_reduction"] == "sum"
+        self.loss_scale = self.distributed.world_size if summed else 1
 
     def _loader(
         self, dataset: Dataset, *, shuffle: bool
@@ -546,6 +556,8 @@ class _Trainer:
         momentum = warmup_momentum(
             self.step, momentum=self.config["momentum"], warmup_steps=self.warmup_steps
         )
+        for hook in self._hooks_with("on_lr"):  # hooks with an optimiser of their own follow the schedule
+            hook.on_lr(lr / self.config["lr"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if "betas" in group:
@@ -559,6 +571,8 @@ class _Trainer:
         if self.config["bf16"]:
             outputs = _to_float32(outputs)
         terms = self._loss_terms(images, targets, outputs)
+        if self.loss_scale != 1:
+            terms = {name: value * self.loss_scale for name, value in terms.items()}
         if not torch.isfinite(terms["total"]):
             values = {name: float(value.detach()) for name, value in terms.items()}
             raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {self.step}: {values}")
@@ -759,12 +773,14 @@ def fit(
     progress: bool = True,
     max_steps_per_epoch: int | None = None,
     bf16: bool = False,
+    loss_reduction: str = "sum",
 ) -> dict[str, list]:
     """Train ``model`` in place and return the per-epoch history.
 
     Each step: forward, ``loss_fn(outputs, targets)`` (default ``gcp.loss.YoloLoss(model)``) plus every hook's
     ``loss_terms(images, targets, outputs)``, backward, every hook's ``after_backward(epoch, epochs)`` (epoch
-    0-based; this is where dynamic sparse training adds its γ subgradient, paper eq. 3), optimiser step, EMA
+    0-based; this is where dynamic sparse training adds its γ subgradient, paper eq. 3, or takes its own γ
+    step; before the forward, hooks with ``on_lr(scale)`` get the step's lr / ``lr``), optimiser step, EMA
     update. The learning rate follows :func:`warmup_cosine_lr` per step over ``warmup_epochs`` of warm-up, and
     momentum :func:`warmup_momentum`. After each epoch: optional loss on ``val_data``, ``eval_fn(model)``
     every ``eval_every`` epochs and on the last one (must return ``map50``; run on the EMA weights when
@@ -782,6 +798,13 @@ def fit(
     by LOCAL_RANK; hooks run on every rank after the all-reduced backward. ``sync_bn=True`` synchronises
     BatchNorm statistics across GPUs (CUDA only; ignored in a single process), which keeps the statistics the
     γ-based pruning relies on consistent. Rank 0 evaluates and writes the checkpoints.
+
+    ``loss_reduction`` says how ``loss_fn`` and the hooks' terms reduce over a batch's images: ``"sum"`` (the
+    default; :class:`gcp.loss.YoloLoss` and the distiller's ``batch_reduction="sum"`` multiply per-image means
+    by the batch size) or ``"mean"``. DDP averages gradients over the N processes, which for a sum would make N
+    processes on B images each step like one process on N·B images at lr / N; with ``"sum"`` the terms are
+    therefore multiplied by N before the backward pass, so N processes on B images take the same step as one
+    process on N·B, and the logged train terms are sums over those N·B images too. A mean needs no scaling.
 
     The history maps ``epoch``, ``lr``, ``train/<term>``, ``val/<term>`` and ``metrics/<name>`` to one value
     per epoch (None where not measured). ``max_steps_per_epoch`` caps the steps of an epoch (quick
@@ -808,6 +831,7 @@ def fit(
         max_steps_per_epoch=max_steps_per_epoch,
         resume=resume,
         out_dir=out_dir,
+        loss_reduction=loss_reduction,
     )
     config = dict(
         epochs=epochs,
@@ -826,6 +850,7 @@ def fit(
         progress=progress,
         max_steps_per_epoch=max_steps_per_epoch,
         bf16=bf16,
+        loss_reduction=loss_reduction,
     )
     distributed, device = _setup_distributed(torch.device(device))
     trainer = _Trainer(

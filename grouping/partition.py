@@ -1,16 +1,26 @@
 """Split a detector's prunable layers into groups by feature scale and module structure (paper §4.2.1, Fig. 3).
 
-The paper's five YOLOv4 groups are: backbone up to stride 8 (layers 0–55), backbone at stride 16 (56–85),
-backbone at stride 32 including the CBLs around SPP (86–116), the PANet top-down neck (117–136) and the detection
-heads with the bottom-up path (136–161). We recover that split from one observed forward pass instead of layer
-numbers, so it also applies to detectors we did not write:
+The paper's five YOLOv4 groups (§5.3, darknet ``yolov4.cfg`` layer numbers) are: backbone up to stride 8
+(layers 0–55), backbone at stride 16 (56–85), backbone at stride 32 including the CBLs around SPP (86–116), the
+PANet top-down neck (117–136) and the detection heads with the bottom-up path (136–161). We recover that split
+from one observed forward pass instead of layer numbers, so it also applies to detectors we did not write:
 
-* **backbone**: BatchNorm layers that run before the feature maps first get *larger* (the first upsample) and
-  that feed more than one output; split by stride into ``n_groups - 2`` buckets, the largest strides each on
-  their own, the smaller ones merged into the first bucket.
+* **backbone**: BatchNorm layers that run before the feature maps first get *larger* (the first upsample),
+  that feed more than one output and that reach an output along at least one path without an upsample; split
+  by stride into ``n_groups - 2`` buckets, the largest strides each on their own, the smaller ones merged into
+  the first bucket. The last condition is what ends Group3 at the SPP output (layer 116): the CBL after it
+  (layer 117, ``neck.reduce_p5``) still runs at stride 32 before the first upsample, but it feeds nothing
+  else, and §5.3 starts Group4 with it.
 * **head**: layers that feed exactly one output (a head branch), and, when the first prediction happens only
   after the backbone (PANet style), every later layer: the bottom-up path runs interleaved with the heads.
 * **neck**: the rest, i.e. the top-down path.
+
+Two layers where §5.3's ranges are not what its text describes: layer 55, the stride-2 CBM that opens the
+stride-16 CSP stage, is listed in Group1 (0–55) but outputs 26×26 maps, and "group2 only include the feature
+layer at 26×26 scales along with the CSP module"; it is in our stride-16 group, as layer 86 (the stride-32 CSP
+stage's opening CBM) is in §5.3's Group3. Layer 136, the last top-down CBL, is listed in both Group4 and Group5;
+we keep it in the neck (it feeds the stride-8 head and the bottom-up path). Moving layer 55 changes Table 2's
+structure by less than half a percentage point (``benchmarks/bench_tables12.py``).
 
 When a model has a single output or no stage can be told apart, we fall back to stride-only groups and warn.
 """
@@ -141,7 +151,7 @@ def partition(
         single_output = len(reached[name]) == 1
         if single_output or (late_prediction and order[name] > first_prediction):
             head.append(name)
-        elif order[name] < backbone_end:
+        elif order[name] < backbone_end and name in observation.direct:
             backbone.append(name)
         else:
             neck.append(name)

@@ -76,7 +76,9 @@ def _is_leaf(module: nn.Module) -> bool:
     return next(iter(module.children()), None) is None
 
 
-def _output_stride(output: Any, input_hw: tuple[int, int]) -> tuple[int, tuple[int, ...]]:
+def output_stride(output: Any, input_hw: tuple[int, int]) -> tuple[int, tuple[int, ...]]:
+    """Stride (input size / map size, rounded) and shape of the first 4-D tensor in ``output``; stride 0 (and
+    the first tensor's shape) when there is none."""
     tensors = [t for t in flatten_tensors(output) if t.dim() == 4]
     if not tensors:
         first = flatten_tensors(output)
@@ -105,7 +107,7 @@ def trace_layers(
     def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
         if module in records:
             return
-        stride, shape = _output_stride(output, input_hw)
+        stride, shape = output_stride(output, input_hw)
         records[module] = LayerTrace(
             name=names.get(module, ""),
             type=type(module).__name__,
@@ -130,16 +132,21 @@ class Observation:
     """Everything pruning needs from one grad-enabled forward pass, so the model runs once, not five times.
 
     ``traces``: leaf modules in execution order with output strides. ``reached``: for each watched layer name,
-    the indices of the model outputs its activations flow into. ``predictions``: conv/linear layers whose
-    outputs reach a model output through parameter-free ops only. ``macs``: multiply-accumulates of every
-    conv/linear call. ``input_means``: per-channel mean input of every conv/linear layer.
+    the indices of the model outputs its activations flow into. ``direct``: the watched layers with at least
+    one path to an output that crosses no upsampling op (see :func:`direct_nodes`). ``predictions``:
+    conv/linear layers whose outputs reach a model output through parameter-free ops only. ``macs``:
+    multiply-accumulates of every conv/linear call. ``input_means``: per-channel mean input of every
+    conv/linear layer. ``input_shapes``: the input shape of every conv/linear call, in call order (a layer
+    shared across FPN levels runs once per level; the latency table times each call).
     """
 
     traces: list[LayerTrace]
     reached: dict[str, set[int]]
+    direct: set[str]
     predictions: list[str]
     macs: dict[nn.Module, float]
     input_means: dict[nn.Module, torch.Tensor]
+    input_shapes: dict[nn.Module, list[tuple[int, ...]]] = field(default_factory=dict)
 
 
 def layer_macs(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> float:
@@ -175,11 +182,12 @@ class Recorder:
         self.macs: dict[nn.Module, float] = {}
         self.sums: dict[nn.Module, torch.Tensor] = {}
         self.counts: dict[nn.Module, int] = {}
+        self.shapes: dict[nn.Module, list[tuple[int, ...]]] = {}
         self.handles: list[Any] = []
 
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if module not in self.records:
-            stride, shape = _output_stride(output, self.input_hw)
+            stride, shape = output_stride(output, self.input_hw)
             self.records[module] = LayerTrace(
                 self.names.get(module, ""), type(module).__name__, len(self.records), stride, shape, module
             )
@@ -193,6 +201,7 @@ class Recorder:
                     self.dense_owner.setdefault(t.grad_fn, self.names[module])
             self.macs[module] = self.macs.get(module, 0.0) + layer_macs(module, inputs, output)
             if inputs and isinstance(inputs[0], torch.Tensor):
+                self.shapes.setdefault(module, []).append(tuple(inputs[0].shape))
                 x = inputs[0].detach().float()
                 channel_dim = 1 if x.dim() == 4 else x.dim() - 1
                 dims = [d for d in range(x.dim()) if d != channel_dim]
@@ -214,21 +223,42 @@ class Recorder:
         reached: dict[str, set[int]] = {self.names[m]: set() for m in self.watched}
         predictions: list[str] = []
         for index, tensor in enumerate(flatten_tensors(outputs)):
-            for fn in _ancestors(tensor.grad_fn, stop=set()):
+            for fn in _ancestors(tensor.grad_fn, expand=lambda _fn: True):
                 if fn in self.grad_fn_owner:
                     reached[self.grad_fn_owner[fn]].add(index)
             # prediction layers: the first dense layer on each path back from this output
-            for fn in _ancestors(tensor.grad_fn, stop=self.dense_owner):
+            for fn in _ancestors(tensor.grad_fn, expand=lambda fn: fn not in self.dense_owner):
                 owner = self.dense_owner.get(fn)
                 if owner is not None and owner not in predictions:
                     predictions.append(owner)
+        direct = {self.grad_fn_owner[fn] for fn in direct_nodes(outputs) if fn in self.grad_fn_owner}
         means = {m: (self.sums[m] / max(self.counts[m], 1)).cpu() for m in self.sums}
         traces = sorted(self.records.values(), key=lambda r: r.order)
-        return Observation(traces, reached, predictions, self.macs, means)
+        return Observation(traces, reached, direct, predictions, self.macs, means, self.shapes)
 
 
-def _ancestors(root: Any, stop: Any) -> list[Any]:
-    """Autograd nodes reachable backwards from ``root``; nodes in ``stop`` are returned but not expanded."""
+def is_upsampling(fn: Any) -> bool:
+    """True for the autograd node of an upsampling op (``nn.Upsample`` and ``F.interpolate`` alike)."""
+    return type(fn).__name__.startswith("Upsample")
+
+
+def direct_nodes(outputs: Any) -> set[Any]:
+    """Autograd nodes whose result reaches one of ``outputs`` along a path that crosses no upsampling op.
+
+    This is what separates the end of a backbone from the start of a top-down neck that runs at the same
+    coarsest scale: YOLOv4's SPP output (darknet layer 116) reaches the stride-32 head through the bottom-up
+    concat, while the CBL after it (layer 117) feeds only the first upsample. Paper §5.3 puts the first in
+    Group3 and the second in Group4.
+    """
+    found: set[Any] = set()
+    for tensor in flatten_tensors(outputs):
+        found.update(_ancestors(tensor.grad_fn, expand=lambda fn: not is_upsampling(fn)))
+    return found
+
+
+def _ancestors(root: Any, expand: Callable[[Any], bool]) -> list[Any]:
+    """Autograd nodes reachable backwards from ``root``; a node for which ``expand`` is false is returned but
+    its inputs are not followed."""
     found, stack, seen = [], [root], set()
     while stack:
         fn = stack.pop()
@@ -236,7 +266,7 @@ def _ancestors(root: Any, stop: Any) -> list[Any]:
             continue
         seen.add(fn)
         found.append(fn)
-        if fn not in stop:
+        if expand(fn):
             stack.extend(nxt for nxt, _ in fn.next_functions)
     return found
 

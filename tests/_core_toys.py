@@ -86,3 +86,47 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean.data = torch.randn(n, generator=g) * 0.1
             m.running_var.data = torch.rand(n, generator=g) + 0.5
     return model.eval()
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: expand 1×1 → depthwise 3×3 → project 1×1, residual add."""
+
+    def __init__(self, c: int, expand: int) -> None:
+        super().__init__()
+        e = c * expand
+        self.expand = cbl(c, e, 1)
+        self.dw = nn.Sequential(nn.Conv2d(e, e, 3, 1, 1, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(self.dw(self.expand(x)))
+
+
+class MobileToy(nn.Module):
+    """Stem, three inverted-residual blocks, one prediction conv: most channels pass a depthwise conv."""
+
+    def __init__(self, width: int = 16, expand: int = 4) -> None:
+        super().__init__()
+        self.stem = cbl(3, width, 3, 2)
+        self.blocks = nn.Sequential(*(InvertedResidual(width, expand) for _ in range(3)))
+        self.head = nn.Conv2d(width, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.head(self.blocks(self.stem(x)))]
+
+
+class C2fToy(nn.Module):
+    """YOLOv8's C2f: chunk in two, a residual on the second part, concat of *both* parts and its output."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        second = c // 2  # chunk(2) puts the odd channel in the first part
+        self.stem = cbl(3, c, 3)
+        self.cv1 = cbl(c, c, 1)
+        self.m = Residual(second)
+        self.cv2 = cbl(c + second, c, 1)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a, b = self.cv1(self.stem(x)).chunk(2, 1)
+        return [self.head(self.cv2(torch.cat([a, b, self.m(b)], 1)))]

@@ -9,7 +9,10 @@ group down and initialising another in one launch is what this test must not do:
 keeps the closed group's addresses, so the next init can connect to a dead port. One launch keeps the test
 fast: starting a Python process with torch costs seconds.
 
-Each run saves every rank's final weights and history to ``OUT/<run>_rank<r>.pt``.
+Each run saves every rank's final weights and history to ``OUT/<run>_rank<r>.pt``. The last run,
+``global``, trains a model without BatchNorm on unaugmented images, B per process, for the test to compare with
+one process on the same 2B images per step: DDP averages gradients, so the step is only the same when the
+summed loss is scaled by the number of processes.
 """
 
 from __future__ import annotations
@@ -20,12 +23,27 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _train_toys import GammaSubgradient, Interrupted, ToyDetection, make_model, toy_loss
+from _train_toys import (
+    FixedDetection,
+    GammaSubgradient,
+    Interrupted,
+    ToyDetection,
+    make_model,
+    make_plain_model,
+    toy_loss,
+    toy_sum_loss,
+)
 
 from gcp.train import fit
 
 EPOCHS = 4
 INTERRUPT_AT_CALL = 6  # the 2nd of epoch 1's four steps per rank
+GLOBAL_IMAGES = 8  # the global run: two steps of 2 images per rank, 4 per step in all
+
+
+def global_batch_options() -> dict:
+    """fit's options for the global run; one process uses them with batch_size=2 * 2 on the same data."""
+    return dict(epochs=1, lr=0.05, warmup_epochs=0.0, loss_fn=toy_sum_loss, progress=False)
 
 
 def train(out_dir: Path, *, resume: bool = False, interrupt_at_call: int | None = None) -> tuple[dict, dict]:
@@ -40,6 +58,7 @@ def train(out_dir: Path, *, resume: bool = False, interrupt_at_call: int | None 
         warmup_epochs=1.0,
         hooks=[GammaSubgradient(model, interrupt_at_call)],
         loss_fn=toy_loss,
+        loss_reduction="mean",  # toy_loss is a per-image mean: DDP's gradient average is already right
         ema=True,
         out_dir=out_dir,
         resume=resume,
@@ -65,6 +84,9 @@ def main(out: Path) -> None:
         raise AssertionError("the interrupted run was not interrupted")
     state, history = train(out / "resumed", resume=True)
     torch.save({"state": state, "history": history}, out / f"resumed_rank{rank}.pt")
+    model = make_plain_model()
+    history = fit(model, FixedDetection(GLOBAL_IMAGES), batch_size=2, **global_batch_options())
+    torch.save({"state": model.state_dict(), "history": history}, out / f"global_rank{rank}.pt")
 
 
 if __name__ == "__main__":

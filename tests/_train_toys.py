@@ -107,3 +107,45 @@ class GammaSubgradient:
 
     def load_state_dict(self, state: dict) -> None:
         self.calls = state["calls"]
+
+
+class PlainDetector(nn.Module):
+    """TinyDetector without BatchNorm and dropout: its gradient on a batch is the sum of its gradients on any
+    split of that batch, which is what comparing one process with several needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, kernel_size=3, stride=8, padding=1), nn.SiLU())
+        self.head = nn.Conv2d(8, 5 + NUM_CLASSES, kernel_size=1)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        stride8 = self.stem(images)
+        return [self.head(stride8), F.avg_pool2d(stride8, 2), F.avg_pool2d(stride8, 4)]
+
+
+def make_plain_model(seed: int = 0) -> PlainDetector:
+    torch.manual_seed(seed)
+    return PlainDetector()
+
+
+class FixedDetection(ToyDetection):
+    """ToyDetection without augmentation: image i is the same in every process, whatever its random state."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        noise = torch.Generator().manual_seed(1000 + index)
+        corner = torch.randint(0, IMAGE_SIZE - 8, (2,), generator=torch.Generator().manual_seed(index))
+        x0, y0 = int(corner[0]), int(corner[1])
+        image = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=noise) * 0.2
+        image[:, y0 : y0 + 8, x0 : x0 + 8] += 0.7
+        boxes = torch.tensor([[x0, y0, x0 + 8, y0 + 8]], dtype=torch.float32)
+        return image.clamp(0, 1), {
+            "boxes": boxes,
+            "labels": torch.tensor([index % NUM_CLASSES]),
+            "image_id": index,
+        }
+
+
+def toy_sum_loss(outputs: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+    """toy_loss summed over the batch's images (the convention of gcp.loss.YoloLoss): the terms a batch of 2B
+    images gives are the sums of those its two halves give."""
+    return {name: value * len(targets) for name, value in toy_loss(outputs, targets).items()}

@@ -94,10 +94,13 @@ def kill_quarter_of_channels(model):
 
 def prune_dead_channels(model, images):
     """One group over all layers, asked for exactly its share of dead (γ = 0) channels: the threshold falls
-    between the zeros and the live γ, so exactly the dead go (ties among the zeros do not matter)."""
+    between the zeros and the live γ, so exactly the dead go (ties among the zeros do not matter). Layers
+    without BatchNorm (FPN, heads) are left whole, as only γ can say a channel is dead."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     dead = sum(int((m.weight == 0).sum()) for m in norms) / sum(m.num_features for m in norms)
-    return quiet_prune(model, images, ratio={"all": dead}, groups={"all": "*"}, allocator="explicit")
+    return quiet_prune(
+        model, images, ratio={"all": dead}, groups={"all": "*"}, allocator="explicit", bn_free="keep"
+    )
 
 
 def assert_same_tensors(a, b, atol=0.0):

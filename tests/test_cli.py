@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gcp.cli import main
+from gcp.models import yolov4
 from gcp.pipeline import load_model
 from gcp.serialize import load_pruned
 from gcp.train import load_checkpoint
@@ -206,6 +207,51 @@ def test_tensorrt_without_gpu_fails_with_one_clear_line(run: Path, tiny_config: 
     assert error.count("\n") == 0 and "TensorRT needs" in error and "CUDA" in error
 
 
+def test_a_bad_model_file_is_one_line_naming_the_file_whichever_command_reads_it(
+    run: Path, tiny_config: Path, tmp_path: Path, capsys
+) -> None:
+    cut = tmp_path / "cut.pt"  # a copy that stopped early: no zip central directory
+    data = (run / "pruned_gcp.pt").read_bytes()
+    cut.write_bytes(data[: min(100_000, len(data) // 2)])
+    stranger = tmp_path / "stranger.pt"  # a PyTorch file, but not a gcp model
+    torch.save({"weights": torch.zeros(3)}, stranger)
+    other = tmp_path / "other.pt"  # a dense gcp file whose weights are another width's
+    dense = torch.load(run / "trained.pt", weights_only=True)
+    dense["state_dict"] = yolov4(num_classes=10, width=0.25, depth=0.33).state_dict()
+    torch.save(dense, other)
+    work = tmp_path / "work"
+    shutil.copytree(run, work)
+    cut_pruned = tmp_path / "cut_pruned"  # a run whose pruned_gcp.pt is the cut copy
+    shutil.copytree(run, cut_pruned)
+    shutil.copy(cut, cut_pruned / "pruned_gcp.pt")
+    truncated = "cannot read the model file: truncated or not a PyTorch file"
+    cases = [
+        (work, ["eval", "--checkpoint", str(cut)], cut, truncated),
+        (work, ["export", "onnx", "--checkpoint", str(cut)], cut, truncated),
+        (work, ["bench", "latency", "--checkpoint", str(cut)], cut, truncated),
+        (work, ["sparse-train", "--weights", str(cut), "--overwrite"], cut, truncated),
+        (work, ["distill", "--teacher", str(cut), "--overwrite"], cut, truncated),
+        (cut_pruned, ["finetune", "--overwrite"], cut_pruned / "pruned_gcp.pt", truncated),
+        (work, ["eval", "--checkpoint", str(stranger)], stranger, "not a gcp model file"),
+        (
+            work,
+            ["eval", "--checkpoint", str(other)],
+            other,
+            "weights do not match the yolov4 the file records",
+        ),
+    ]
+    for run_dir, args, path, problem in cases:
+        assert gcp(tiny_config, run_dir, *args) == 2, args
+        errors = capsys.readouterr().err
+        command = args[0]
+        lines = [line for line in errors.splitlines() if line.startswith(f"gcp {command}: error:")]
+        assert lines == [f"gcp {command}: error: {path}: " + lines[0].split(f"{path}: ", 1)[1]], (
+            args,
+            errors,
+        )
+        assert problem in lines[0] and "Traceback" not in errors, (args, errors)
+
+
 def test_plots_are_written_for_each_kind(run: Path, tiny_config: Path) -> None:
     assert gcp(tiny_config, run, "eval", "--checkpoint", str(run / "pruned_gcp.pt")) == 0
     for kind in ("gammas", "sparsity", "tradeoff"):
@@ -219,7 +265,10 @@ def test_config_errors_reach_the_user_with_the_key(tiny_config: Path, tmp_path: 
         main(["train", "--config", str(tiny_config), "--run-dir", str(tmp_path), "--set", "prune.ratoi=0.3"])
         == 2
     )
-    assert "did you mean 'prune.ratio'" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "error: --set prune.ratoi=0.3: unknown key 'prune.ratoi'; did you mean 'prune.ratio'" in error
+    assert gcp(tiny_config, tmp_path / "r1", "prune", "--ratio", "1.0") == 2
+    assert "error: --ratio 1.0: prune.ratio: must be a number in (0, 1), got 1.0" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert (
@@ -248,11 +297,17 @@ def test_demo_runs_the_whole_method_and_prints_one_table(
     assert out.count("mAP@0.5") == 1 and "ORT latency (ms)" in out
     rows = report_rows(demo_dir)
     for method in ("gcp", "slim", "thinet"):
-        for stage in ("pruned", "finetuned", "distilled"):
+        stages = ("pruned", "finetuned", "distilled") if method == "gcp" else ("pruned", "finetuned")
+        for stage in stages:
             row = rows[f"{stage}_{method}"]
             assert 0.0 <= row["map50"] <= 1.0 and row["median_ms"] > 0, row
         assert rows[f"pruned_{method}"]["ratio"] == pytest.approx(0.2, abs=0.02)
+    assert "distilled_slim" not in rows  # demo.distill: [gcp], as the benchmark
     assert rows["trained"]["params"] > rows["distilled_gcp"]["params"]
+    sweep = json.loads((demo_dir / "report.json").read_text())["sweep"]
+    for method in ("gcp", "slim", "thinet"):  # the trade-off plot's extra x values, scored before recovery
+        ratios = sorted(row["ratio"] for row in sweep if row["method"] == method)
+        assert ratios == pytest.approx([0.2, 0.3, 0.5], abs=0.03) and all(0 <= r["map50"] <= 1 for r in sweep)
     for kind in ("gammas", "sparsity", "tradeoff"):
         assert (demo_dir / "plots" / f"{kind}.png").is_file() and f"{kind}:" in out
 

@@ -6,7 +6,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
+from _core_toys import ToyDetector, randomise_bn
 
+from gcp import prune_detector
 from gcp.config import (
     ConfigError,
     ExperimentConfig,
@@ -81,8 +84,8 @@ def test_wrong_types_name_the_key_and_the_expected_type(raw: dict, message: str)
     [
         ({"prune": {"method": "gpc"}}, r"prune\.method: 'gpc' is not one of .*; did you mean 'gcp'\?"),
         ({"demo": {"methods": ["gcp", "thinnet"]}}, r"demo\.methods: 'thinnet' is not one of"),
-        ({"prune": {"ratio": 1.5}}, r"prune\.ratio: must be <= 1\.0, got 1\.5"),
-        ({"prune": {"ratio": 0}}, r"prune\.ratio: must be > 0\.0, got 0"),
+        ({"prune": {"ratio": 1.5}}, r"prune\.ratio: must be a number in \(0, 1\), got 1\.5"),
+        ({"prune": {"ratio": 0}}, r"prune\.ratio: must be a number in \(0, 1\), got 0"),
         ({"train": {"epochs": 0}}, r"train\.epochs: must be >= 1, got 0"),
         ({"device": "gpu"}, r"device: expected cpu, cuda, cuda:N or auto, got 'gpu'"),
         ({"prune": {"allocator": "explicit"}}, r"prune\.group_ratios .* allocator 'explicit'"),
@@ -152,3 +155,79 @@ def test_dumped_config_loads_back_equal(tmp_path: Path) -> None:
     reloaded, _ = load_config(saved)
     assert reloaded == config
     assert dataclasses.asdict(build_config({})) == dataclasses.asdict(ExperimentConfig())
+
+
+def test_a_bad_key_given_with_set_is_blamed_on_set_not_on_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config("demo", ["prune.ratoi=0.3"])
+    message = str(error.value)
+    assert message.startswith("--set prune.ratoi=0.3: unknown key 'prune.ratoi'; did you mean 'prune.ratio'?")
+    assert "demo.yaml" not in message
+    # A whole section given with --set, a key below a bad one, and a bad value: still the --set's.
+    with pytest.raises(ConfigError, match=r"^--set prune=\{ratio: 2\}: prune\.ratio: must be a number in"):
+        load_config("demo", ["prune={ratio: 2}"])
+    with pytest.raises(ConfigError, match=r"^--set prune\.ratoi\.x=1: unknown key 'prune\.ratoi'"):
+        load_config("demo", ["prune.ratoi.x=1"])
+    with pytest.raises(ConfigError, match=r"^--set train\.epochs=0: train\.epochs: must be >= 1"):
+        load_config("demo", ["seed=3", "train.epochs=0"])
+    # The last --set of a key is the one in force, so it is the one named.
+    with pytest.raises(ConfigError, match=r"^--set prune\.ratio=7: "):
+        load_config("demo", ["prune.ratio=0.2", "prune.ratio=7"])
+    # A typo in the file stays the file's, whatever else --set changes.
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("prune:\n  methd: slim\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^\S*typo\.yaml: unknown key 'prune\.methd'"):
+        load_config(typo, ["prune.ratio=0.4"])
+    # The command line's shortcut flags say which flag it was.
+    with pytest.raises(ConfigError, match=r"^--ratio 1\.0: prune\.ratio: must be a number in \(0, 1\)"):
+        load_config("demo", ["prune.ratio=1.0"], origins=["--ratio 1.0"])
+    # A check across keys names the file and every override.
+    with pytest.raises(
+        ConfigError, match=r"demo\.yaml with --set prune\.allocator=explicit: prune\.group_ratios"
+    ):
+        load_config("demo", ["prune.allocator=explicit"])
+    with pytest.raises(ValueError, match="one origin per override"):
+        load_config("demo", ["prune.ratio=0.3"], origins=[])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.25, 1.5, float("nan"), float("inf")])
+def test_config_refuses_exactly_the_prune_ratios_prune_detector_refuses(ratio: float) -> None:
+    with pytest.raises(ConfigError, match=r"prune\.ratio: must be a number in \(0, 1\)"):
+        build_config({"prune": {"ratio": ratio}})
+    model = randomise_bn(ToyDetector(width=4))
+    with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\)"):
+        prune_detector(model, torch.randn(1, 3, 32, 32), ratio=ratio)
+
+
+def test_config_takes_prune_ratios_just_inside_the_range() -> None:
+    for ratio in (1e-6, 0.5, 0.999999):
+        assert build_config({"prune": {"ratio": ratio}}).prune.ratio == ratio
+
+
+def test_config_choices_name_what_prune_detector_accepts() -> None:
+    from gcp import config, prune
+
+    assert config.BN_FREE == prune.BN_FREE and set(config.COUPLINGS) == set(prune.COUPLINGS)
+
+
+def test_an_ultralytics_model_needs_its_file_a_data_yaml_and_what_its_trainer_can_do() -> None:
+    base = {
+        "data": {"format": "yolo", "yaml": "data.yaml"},
+        "model": {"name": "ultralytics", "weights": "yolov8n.yaml", "train_args": {"mosaic": 0.5}},
+    }
+    assert build_config(base).model.train_args == {"mosaic": 0.5}
+    assert load_config("ultralytics")[0].model.name == "ultralytics"  # the packaged starting point
+    cases = [
+        (["model.weights=null"], r"model\.weights: model\.name ultralytics needs the model"),
+        (["model.weights=best.onnx"], r"model\.weights: .* got 'best\.onnx'"),
+        (["data.yaml=null", "data.class_names=[a]"], r"data\.yaml: model\.name ultralytics trains with"),
+        (["model.train_args.lr0=0.1"], r"model\.train_args\.lr0: is set by gcp from each stage's lr"),
+        (["distill.bf16=true"], r"distill\.bf16: must be False for model\.name ultralytics"),
+        (["sparsity.ema=false"], r"sparsity\.ema: must be True .* always keeps an EMA"),
+        (["data.val=[test]"], r"data\.val: data\.yaml gives the images, splits and class names"),
+        (["data.format=voc"], r"data\.yaml: is read for data\.format yolo, not 'voc'"),
+        (["model.name=yolov4"], r"model\.train_args: are Ultralytics' train arguments"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build_config(apply_overrides(base, overrides))

@@ -25,6 +25,7 @@ from gcp.data import (
     make_digit_scenes,
 )
 from gcp.data.digits import CLASS_NAMES, PARAMS_FILE, glyph_pools, load_glyphs, render_glyph
+from gcp.loss import targets_to_tensor
 from gcp.pipeline import Context, RunDir
 
 WHITE = (255, 255, 255)
@@ -90,6 +91,41 @@ def test_voc_reader_yields_letterboxed_design_format(tmp_path):
     assert image[:, :top].sub(114 / 255).abs().max() < 1e-6  # letterbox grey above the picture
     _, target = dataset[1]
     assert target["labels"].tolist() == [14]  # the difficult cat is left out
+
+
+def test_voc_keeps_difficult_objects_for_scoring_but_not_as_training_targets(tmp_path):
+    # issue 15 item 2: the reader used to drop difficult objects, so a detection on one scored as a false
+    # positive. They now travel in difficult_boxes/difficult_labels (what gcp.evaluate ignores matches to),
+    # never in boxes/labels (what the loss trains on).
+    write_voc(tmp_path, TWO_VOC_IMAGES)
+    _, target = VOCDataset(tmp_path, "train", size=64)[1]
+    assert target["labels"].tolist() == [14] and target["difficult_labels"].tolist() == [7]  # person; cat
+    # 60x120 -> 32x64 (scale 8/15), padded 16 px left: the cat's (0, 0, 10, 10) follows the letterbox
+    torch.testing.assert_close(
+        target["difficult_boxes"], torch.tensor([[16.0, 0.0, 16 + 10 * 8 / 15, 80 / 15]])
+    )
+    assert targets_to_tensor([target], 20, torch.device("cpu"))[:, 1].tolist() == [14.0]
+    _, target = VOCDataset(tmp_path, "train", size=64)[0]
+    assert target["difficult_boxes"].shape == (0, 4) and target["difficult_labels"].dtype == torch.long
+
+
+def test_difficult_objects_leave_augmented_training_items_unchanged(tmp_path):
+    with_cat, without_cat = tmp_path / "with", tmp_path / "without"
+    write_voc(with_cat, TWO_VOC_IMAGES)
+    write_voc(without_cat, {**TWO_VOC_IMAGES, "b": (60, 120, TWO_VOC_IMAGES["b"][2][:1])})
+    # same pixels (the cat stays painted), so only the annotation differs
+    (without_cat / "JPEGImages" / "b.jpg").write_bytes((with_cat / "JPEGImages" / "b.jpg").read_bytes())
+    datasets = [VOCDataset(root, "train", size=64, augment=True) for root in (with_cat, without_cat)]
+    for seed in range(6):
+        items = []
+        for dataset in datasets:
+            torch.manual_seed(seed)
+            items.append(dataset[1])
+        (image_a, target_a), (image_b, target_b) = items
+        assert torch.equal(image_a, image_b)
+        assert torch.equal(target_a["boxes"], target_b["boxes"])
+        assert torch.equal(target_a["labels"], target_b["labels"])
+        assert target_b["difficult_labels"].numel() == 0
 
 
 def test_voc_class_names_come_from_labels_txt(tmp_path):

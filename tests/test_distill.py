@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from distill import (
     BALANCED_BETAS,
     PAPER_BETAS,
+    PAPER_TAP_STRIDES,
     AttentionTaps,
     GroupAttentionDistiller,
     attention_terms,
@@ -28,7 +29,7 @@ from distill import (
     spatial_attention,
 )
 from gcp.loss import YoloLoss
-from gcp.models import yolov3, yolov4
+from gcp.models import mobilenet_yolov3, yolov3, yolov4
 
 IMAGE_SIZE = 64
 NUM_CLASSES = 3
@@ -144,14 +145,66 @@ def test_auto_taps_on_yolov4_give_the_five_paper_strides_in_order() -> None:
     assert [t.name for t in traces[:4]] == [f"backbone.stage{i}" for i in range(1, 5)]
 
 
+def test_yolov4_stride32_tap_is_the_spp_output_that_ends_group3() -> None:
+    """§5.3: Group3 ends at the SPP output (darknet layer 116); the CBL after it (layer 117, ``reduce_p5``)
+    runs at stride 32 too, but only feeds the first upsample and opens Group4."""
+    model = yolov4(num_classes=NUM_CLASSES, width=0.125, depth=0.33)
+    traces = auto_tap_layers(model, images(1, 128))
+    assert traces[-1].name == "spp"
+    assert "neck.reduce_p5" not in [t.name for t in traces]
+
+
 def test_auto_taps_take_whole_residual_stages_and_leave_batchnorm_statistics_alone() -> None:
     model = yolov3(num_classes=NUM_CLASSES, width=0.125, depth=0.33).train()
     before = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    names = [t.name for t in auto_tap_layers(model, images(1, 128))]
+    names = [t.name for t in auto_tap_layers(model, images(1, 128), strides=PAPER_TAP_STRIDES)]
     # a Darknet stage ends with a residual add, which no leaf module outputs
     assert names[:4] == [f"backbone.stage{i}" for i in range(1, 5)]
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[name], buffer) for name, buffer in model.named_buffers())
+
+
+def test_yolov3_is_distilled_at_the_four_scales_of_section_6_3() -> None:
+    """§6.3: Darknet53-YOLOv3 at 104, 52, 26 and 13 (strides 4-32), not 208; the stride-32 map is the end of
+    the backbone group (its five CBLs, which reach the stride-32 head directly), not the CBL feeding the
+    upsample."""
+    model = yolov3(num_classes=NUM_CLASSES, width=0.125, depth=0.33)
+    traces = auto_tap_layers(model, images(1, 128))
+    assert [t.stride for t in traces] == [4, 8, 16, 32]
+    assert [t.name for t in traces] == [
+        "backbone.stage2",
+        "backbone.stage3",
+        "backbone.stage4",
+        "neck.fuse_p5",
+    ]
+    with AttentionTaps(model, images(1, 128)) as taps:
+        assert len(taps) == 4
+    assert resolve_betas(PAPER_BETAS, len(traces)) == (1000.0, 1000.0, 10000.0, 10000.0)
+
+
+def test_mobilenet_yolov3_taps_are_block_outputs_not_the_next_blocks_expansion() -> None:
+    """MobileNetV2's stride-2 block starts with a 1x1 expansion at the previous stride; that conv is the last
+    module at the old stride, but it is the inside of the next block, not the output of a block."""
+    model = mobilenet_yolov3(num_classes=NUM_CLASSES, width=0.25)
+    traces = auto_tap_layers(model, images(1, 128))
+    assert [t.stride for t in traces] == [2, 4, 8, 16, 32]
+    assert [t.name for t in traces] == [
+        "backbone.stage8.1",
+        "backbone.stage8.3",
+        "backbone.stage8",
+        "backbone.stage16",
+        "neck.fuse_p5",
+    ]
+
+
+def test_auto_taps_trace_a_frozen_teacher_and_restore_its_flags() -> None:
+    model = yolov4(num_classes=NUM_CLASSES, width=0.125, depth=0.33).requires_grad_(False)
+    model.backbone.stem.requires_grad_(True)
+    names = [t.name for t in auto_tap_layers(model, images(1, 128))]
+    assert names[-1] == "spp" and len(names) == 5
+    assert all(p.requires_grad for p in model.backbone.stem.parameters())
+    assert not any(p.requires_grad for p in model.spp.parameters())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_taps_capture_the_last_forward_largest_scale_first_and_close_removes_hooks() -> None:
@@ -523,7 +576,7 @@ def test_real_yolov4_student_pruned_by_torch_pruning_distils() -> None:
     prune_half(student, example, heads=[level.predict for level in student.head])
     loss = YoloLoss(student)
     with GroupAttentionDistiller(teacher, student, example, hard_loss=loss) as distiller:
-        assert [distiller.teacher_taps.names[i] for i in (0, 4)] == ["backbone.stage1", "neck.reduce_p5"]
+        assert [distiller.teacher_taps.names[i] for i in (0, 4)] == ["backbone.stage1", "spp"]
         terms = distiller(example, targets(2))
         terms["total"].backward()
     assert all(torch.isfinite(value) for value in terms.values())

@@ -3,15 +3,30 @@ decode + NMS path of gcp.models.postprocess."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from gcp.data import YOLODataset
-from gcp.evaluate import compute_map, evaluate
+from gcp.config import AP_METHODS as CONFIG_AP_METHODS
+from gcp.config import ConfigError, build_config
+from gcp.data import VOCDataset, YOLODataset
+from gcp.evaluate import (
+    AP_METHODS,
+    DifficultAwareEval,
+    coco_annotations,
+    coco_from,
+    compute_map,
+    entries_by_class,
+    evaluate,
+    ground_truth_entries,
+    ranked_counts,
+)
 
 
 def detections(boxes, scores, labels):
@@ -182,3 +197,195 @@ def test_evaluate_rejects_a_model_for_other_classes_and_augmented_data(rectangle
         evaluate(model, rectangles(rectangles_root), progress=False)
     with pytest.raises(ValueError, match="augment=False"):
         evaluate(BrightRectangleDetector(), rectangles(rectangles_root, augment=True), progress=False)
+
+
+# --- VOC "difficult" objects (issue 15 item 2) -------------------------------------------------------------
+
+
+def with_difficult(target, boxes, labels):
+    """``target`` plus difficult objects, in the keys the readers fill (``difficult_boxes``/``_labels``)."""
+    extra = objects(boxes, labels)
+    return {**target, "difficult_boxes": extra["boxes"], "difficult_labels": extra["labels"]}
+
+
+def test_detection_on_a_difficult_object_is_neither_true_nor_false_positive():
+    # Image 0: a normal object, detected at 0.9. Image 1: only a difficult object, detected at 0.95.
+    # VOC protocol: the 0.95 detection is ignored and the difficult object is no ground truth, so the ranked
+    # list is just one TP for one object -> AP 1. Counting it as a miss would give FP, TP -> AP 0.5.
+    targets = [objects([[0, 0, 10, 10]], [0]), with_difficult(objects([], []), [[20, 20, 40, 40]], [0])]
+    predictions = [detections([[0, 0, 10, 10]], [0.9], [0]), detections([[20, 20, 40, 40]], [0.95], [0])]
+    for ap_method in AP_METHODS:
+        result = compute_map(predictions, targets, num_classes=1, ap_method=ap_method)
+        assert result["map50"] == pytest.approx(1.0), ap_method
+        assert result["map"] == pytest.approx(1.0), ap_method
+
+
+def test_duplicates_on_a_difficult_object_and_missed_difficult_objects_cost_nothing():
+    # Image 1 holds a normal and a difficult object; the difficult one gets two overlapping detections that
+    # both outrank everything (VOC never marks a difficult object as "taken", so the second is ignored too),
+    # and a second difficult object in image 0 is not detected at all (it does not count towards recall).
+    targets = [
+        with_difficult(objects([[0, 0, 10, 10]], [0]), [[60, 60, 90, 90]], [0]),
+        with_difficult(objects([[50, 0, 70, 20]], [0]), [[20, 20, 40, 40]], [0]),
+    ]
+    predictions = [
+        detections([[0, 0, 10, 10]], [0.5], [0]),
+        detections([[20, 20, 40, 40], [21, 21, 41, 41], [50, 0, 70, 20]], [0.95, 0.94, 0.6], [0, 0, 0]),
+    ]
+    for ap_method in AP_METHODS:
+        assert compute_map(predictions, targets, num_classes=1, ap_method=ap_method)[
+            "map50"
+        ] == pytest.approx(1.0), ap_method
+
+
+def test_a_class_with_only_difficult_objects_has_no_ap_and_difficult_alone_is_no_ground_truth():
+    targets = [with_difficult(objects([[0, 0, 10, 10]], [0]), [[20, 20, 40, 40]], [1])]
+    predictions = [detections([[0, 0, 10, 10], [20, 20, 40, 40]], [0.9, 0.8], [0, 1])]
+    result = compute_map(predictions, targets, num_classes=2)
+    assert result["per_class"]["0"] == pytest.approx(1.0) and math.isnan(result["per_class"]["1"])
+    assert result["map50"] == pytest.approx(1.0)
+    only_difficult = [with_difficult(objects([], []), [[20, 20, 40, 40]], [1])]
+    with pytest.raises(ValueError, match="difficult"):
+        compute_map([detections([], [], [])], only_difficult, num_classes=2)
+    with pytest.raises(ValueError, match="difficult_labels"):
+        compute_map(predictions, [{**targets[0], "difficult_labels": torch.tensor([5])}], num_classes=2)
+
+
+def write_white_voc(root, layouts):
+    """A VOC-layout split "test" of 128x128 images, each with white rectangles ``(box, difficult)``."""
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for index, rectangles_in_image in enumerate(layouts):
+        image = Image.new("RGB", (128, 128), (40, 40, 40))
+        xml = ""
+        for (x1, y1, x2, y2), difficult in rectangles_in_image:
+            image.paste((255, 255, 255), (x1, y1, x2, y2))
+            xml += (
+                f"<object><name>white</name><difficult>{int(difficult)}</difficult><bndbox><xmin>{x1 + 1}"
+                f"</xmin><ymin>{y1 + 1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+            )
+        image.save(root / "JPEGImages" / f"{index}.jpg", quality=95)
+        (root / "Annotations" / f"{index}.xml").write_text(f"<annotation>{xml}</annotation>")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(map(str, range(len(layouts)))) + "\n")
+
+
+def test_evaluate_on_voc_ignores_detections_of_difficult_objects(tmp_path):
+    # The reproducer end to end: reader -> detector -> postprocess -> compute_map. Image 1's only white
+    # rectangle is difficult; the detector finds it, and that detection must not count as a false positive.
+    write_white_voc(tmp_path, [[((10, 20, 60, 90), False)], [((30, 30, 110, 100), True)]])
+    test = VOCDataset(tmp_path, "test", size=128, class_names=["white", "red"])
+    assert test[1][1]["labels"].numel() == 0 and test[1][1]["difficult_labels"].tolist() == [0]
+    result = evaluate(BrightRectangleDetector(), test, progress=False)
+    assert result["per_class"]["white"] == pytest.approx(1.0)
+    assert math.isnan(result["per_class"]["red"])
+
+
+# --- ap_method: 101-point (COCO), 11-point (VOC07) and all-point (VOC2010+) AP (issue 15 item 3) ---------
+
+
+def test_ap_methods_match_hand_worked_values():
+    # The PR points of TARGETS/PREDICTIONS (see above), at IoU 0.5:
+    #   class 0: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1;  class 1: precision 0, 1/2 at recall 0, 1.
+    # voc11 (VOC07): mean over recall thresholds t = 0, 0.1, ..., 1 of the highest precision at recall >= t.
+    #   class 0: t = 0..0.5 (6 thresholds) -> 1, t = 0.6..1 (5 thresholds) -> 2/3: AP = (6 + 5 * 2/3) / 11
+    #            = 9.3333 / 11 = 0.84848.
+    #   class 0 at IoU 0.95 (TP, FP, FP; recall stops at 1/2): 6 thresholds get 1, 5 get 0: AP = 6 / 11.
+    #   class 1: every threshold -> 1/2: AP = 0.5.
+    # voc_area (VOC2010+): area under the precision envelope, summed where recall changes.
+    #   class 0: recall 0 -> 1/2 at precision 1, 1/2 -> 1 at precision 2/3: AP = 0.5 + 0.5 * 2/3 = 0.83333.
+    #   class 0 at IoU 0.95: 0.5 * 1 = 0.5.  class 1: recall 0 -> 1 at precision 1/2: AP = 0.5.
+    expected = {"voc11": ((6 + 5 * 2 / 3) / 11, 6 / 11), "voc_area": (0.5 + 0.5 * 2 / 3, 0.5)}
+    for ap_method, (at_50, at_95) in expected.items():
+        result = compute_map(
+            PREDICTIONS, TARGETS, num_classes=2, class_names=["zero", "one"], ap_method=ap_method
+        )
+        assert result["ap_method"] == ap_method
+        assert result["per_class"]["zero"] == pytest.approx(at_50, abs=1e-9), ap_method
+        assert result["per_class"]["one"] == pytest.approx(AP_CLASS1, abs=1e-9), ap_method
+        assert result["map50"] == pytest.approx((at_50 + AP_CLASS1) / 2, abs=1e-9), ap_method
+        ap_class0 = (9 * at_50 + at_95) / 10  # IoU 0.5..0.9 share class 0's curve, 0.95 has its own
+        assert result["map"] == pytest.approx((ap_class0 + AP_CLASS1) / 2, abs=1e-9), ap_method
+    default = compute_map(PREDICTIONS, TARGETS, num_classes=2, class_names=["zero", "one"])
+    assert default["ap_method"] == "coco101"
+    assert default["per_class"]["zero"] == pytest.approx(AP_CLASS0_AT_50, abs=1e-6)
+
+
+def test_voc11_counts_a_recall_of_exactly_three_tenths_at_the_threshold_0_3():
+    # Ten objects, three found (ranked first), nothing else detected: precision 1 up to recall exactly 3/10.
+    # Thresholds 0, 0.1, 0.2, 0.3 get 1, the other 7 get 0: AP = 4 / 11 = 0.3636. (Floating-point steps as in
+    # np.arange(0, 1.1, 0.1) make the 4th threshold 0.30000000000000004 > 3/10 and would give 3 / 11.)
+    boxes = [[20.0 * i, 0.0, 20.0 * i + 10, 10.0] for i in range(10)]
+    target = objects(boxes, [0] * 10)
+    prediction = detections(boxes[:3], [0.9, 0.8, 0.7], [0] * 3)
+    assert compute_map([prediction], [target], num_classes=1, ap_method="voc11")["map50"] == pytest.approx(
+        4 / 11, abs=1e-12
+    )
+    # the all-point area of the same curve: recall 0 -> 0.3 at precision 1
+    assert compute_map([prediction], [target], num_classes=1, ap_method="voc_area")["map50"] == pytest.approx(
+        0.3, abs=1e-12
+    )
+
+
+def test_unknown_ap_method_is_refused_with_the_choices(rectangles_root):
+    with pytest.raises(ValueError, match="ap_method 'voc07'.*coco101, voc11, voc_area"):
+        compute_map(PREDICTIONS, TARGETS, num_classes=2, ap_method="voc07")
+    model = BrightRectangleDetector()
+    with pytest.raises(ValueError, match="ap_method"):
+        evaluate(model, rectangles(rectangles_root), progress=False, ap_method="11point")
+    assert model.modes_seen == []  # refused before running the model over the dataset
+
+
+def test_eval_config_carries_ap_method_and_checks_it():
+    assert build_config({}).eval.ap_method == "coco101"
+    assert build_config({"eval": {"ap_method": "voc11"}}).eval.ap_method == "voc11"
+    with pytest.raises(ConfigError, match="ap_method"):
+        build_config({"eval": {"ap_method": "voc07"}})
+    assert set(CONFIG_AP_METHODS) == set(AP_METHODS)  # config.py keeps a literal copy (no torch import)
+
+
+def test_voc_methods_rank_and_count_detections_as_pycocotools_does():
+    # The VOC methods read the PR curve from COCOeval's matches themselves; sampled at pycocotools' 101
+    # recalls, that curve must give pycocotools' own AP for every class and IoU threshold (random scenes,
+    # about a third of the objects difficult, duplicates and misses among the detections).
+    generator = torch.Generator().manual_seed(0)
+
+    def random_boxes(n):
+        corner = torch.rand(n, 2, generator=generator) * 80
+        return torch.cat([corner, corner + 5 + torch.rand(n, 2, generator=generator) * 30], dim=1)
+
+    targets, predictions = [], []
+    for _ in range(8):
+        boxes, labels = random_boxes(5), torch.randint(0, 3, (5,), generator=generator)
+        hard = torch.rand(5, generator=generator) < 0.3
+        targets.append(
+            with_difficult(
+                objects(boxes[~hard].tolist(), labels[~hard].tolist()),
+                boxes[hard].tolist(),
+                labels[hard].tolist(),
+            )
+        )
+        moved = boxes + torch.randn(5, 4, generator=generator) * 3
+        predictions.append(
+            detections(
+                torch.cat([boxes, moved, random_boxes(4)]).tolist(),
+                torch.rand(14, generator=generator).tolist(),
+                torch.cat([labels, labels, torch.randint(0, 3, (4,), generator=generator)]).tolist(),
+            )
+        )
+    images = [{"id": index} for index in range(len(targets))]
+    ground_truth = coco_from(images, coco_annotations(ground_truth_entries(targets), with_scores=False), 3)
+    found = coco_from(images, coco_annotations(predictions, with_scores=True), 3)
+    evaluator = DifficultAwareEval(ground_truth, found, iouType="bbox")
+    evaluator.params.maxDets = [14]
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+    reference = evaluator.eval["precision"][:, :, :, 0, -1]
+    for label, entries in entries_by_class(evaluator).items():
+        true_pos, false_pos, positives = ranked_counts(entries, 14)
+        assert positives > 0
+        for iou_index, (tp, fp) in enumerate(zip(true_pos, false_pos)):
+            envelope = np.maximum.accumulate((tp / np.maximum(tp + fp, 1))[::-1])[::-1]
+            at = np.searchsorted(tp / positives, evaluator.params.recThrs, side="left")
+            sampled = np.where(at < len(envelope), envelope[np.minimum(at, len(envelope) - 1)], 0.0)
+            assert sampled.mean() == pytest.approx(reference[iou_index, :, label].mean(), abs=1e-12)

@@ -25,7 +25,8 @@ def test_partition_finds_backbone_neck_head(toy):
     by_name = {g.name: g for g in groups}
     assert "head8.0.1" in by_name["head"].layers and "head16.0.1" in by_name["head"].layers
     assert "down.1" in by_name["head"].layers  # the bottom-up path joins the heads (paper Group5)
-    assert by_name["neck"].layers == ["fuse.1"]
+    # the CBL before the upsample opens the top-down neck (paper Group4 starts at layer 117)
+    assert by_name["neck"].layers == ["lateral.1", "fuse.1"]
     assert (
         "spp.cv2.1" in by_name["backbone_s16"].layers
     )  # CBLs around SPP sit with backbone stride 32 (Group3)
@@ -204,7 +205,38 @@ def test_partition_reproduces_the_papers_five_yolov4_groups():
     g1, g2, g3, g4, g5 = groups
     assert prefixes(g1) == {"backbone.stem", "backbone.stage1", "backbone.stage2", "backbone.stage3"}
     assert prefixes(g2) == {"backbone.stage4"}
-    assert {"backbone.stage5", "spp.pre", "spp.post"} <= prefixes(g3)
-    assert all(p.startswith("neck.") for p in prefixes(g4)) and "neck.lateral_c3" in prefixes(g4)
+    assert prefixes(g3) == {"backbone.stage5", "spp.pre", "spp.post"}
+    assert g3.layers[-1] == "spp.post.2.bn"  # layer 116 ends Group3
+    assert g4.layers[0] == "neck.reduce_p5.bn"  # layer 117 opens Group4
+    assert prefixes(g4) == {
+        "neck.reduce_p5",
+        "neck.lateral_c4",
+        "neck.fuse_p4",
+        "neck.reduce_p4",
+        "neck.lateral_c3",
+        "neck.fuse_p3",
+    }
     assert {"head.0", "head.1", "head.2", "neck.down_p3"} <= prefixes(g5)
     assert sum(len(g.layers) for g in groups) == len(grouping.prunable_norms(model))
+
+
+def test_full_depth_yolov4_groups_hold_as_many_bn_layers_as_the_papers_layer_ranges():
+    """§5.3's darknet ranges, counting the conv layers with BatchNorm: Group3 86–116 has 19 (13 in the CSP
+    stage, 6 around SPP), Group4 117–136 has 14, Group5 137–161 has 15. Group1 0–55 and Group2 56–85 hold
+    38 + 21: layer 55, the stride-2 CBM opening the 26×26 stage, is in our stride-16 group, as §5.3's own
+    description of Group2 ("the feature layer at 26×26 scales along with the CSP module") places it."""
+    from gcp.models import yolov4
+
+    model = yolov4(num_classes=3, width=0.125, depth=1.0).eval()
+    groups = partition(model, torch.randn(1, 3, 64, 64))
+    assert [len(g.layers) for g in groups] == [38, 21, 19, 14, 15]
+    assert groups[1].layers[0] == "backbone.stage4.downsample.bn"
+
+
+def test_yolov3_cbl_before_the_first_upsample_is_neck_not_backbone():
+    from gcp.models import yolov3
+
+    model = yolov3(num_classes=3, width=0.125, depth=0.33).eval()
+    groups = {g.name: g for g in partition(model, torch.randn(1, 3, 128, 128))}
+    assert "neck.reduce_p5.bn" in groups["neck"].layers
+    assert groups["backbone_s32"].layers[-1] == "neck.fuse_p5.4.bn"  # reaches the stride-32 head directly

@@ -4,12 +4,12 @@ import warnings
 import pytest
 import torch
 import torch_pruning as tp
-from _core_toys import ToyDetector, cbl, randomise_bn
+from _core_toys import C2fToy, MobileToy, ToyDetector, cbl, randomise_bn
 from torch import nn
 
 import gcp
 from gcp.graph import build_graph
-from gcp.importance import BNGammaImportance
+from gcp.importance import BNGammaImportance, L1FilterImportance, ThiNetImportance, conv_columns
 from gcp.report import count_macs_params
 from grouping import prediction_layers
 
@@ -235,13 +235,13 @@ def test_load_rejects_other_architecture_truncated_and_tampered(tmp_path):
         gcp.load_pruned(path, base=ToyDetector(width=8))
     data = path.read_bytes()
     (tmp_path / "short.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="cannot read the model file: truncated or not a PyTorch file"):
         gcp.load_pruned(tmp_path / "short.pt", base=ToyDetector())
     payload = torch.load(path, weights_only=True)
     key = next(k for k in payload["state_dict"] if k.endswith("weight"))
     payload["state_dict"][key] = payload["state_dict"][key] + 1
     torch.save(payload, tmp_path / "edited.pt")
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    with pytest.raises(ValueError, match="corruption check failed"):
         gcp.load_pruned(tmp_path / "edited.pt", base=ToyDetector())
     with pytest.raises(ValueError, match="not built by gcp.models"):
         gcp.load_pruned(path)
@@ -260,7 +260,7 @@ BAD_INPUTS = [
     (dict(ratio={"backbone_s4": 0.1}, allocator="explicit"), "missing groups"),
     (dict(ratio={"bogus": 0.1}, allocator="explicit"), r"unknown groups \['bogus'\]; valid groups"),
     (dict(ratio=0.3, method="thinet"), "needs calib_data"),
-    (dict(ratio=0.3, round_to=64), "round_to=64 is larger than layer"),
+    (dict(ratio=0.3, round_to=256), "round_to=256 is larger than every prunable layer"),
     (dict(ratio=0.3, max_group_ratio=1.5), r"max_group_ratio must be in \(0, 1\]"),
 ]
 
@@ -336,3 +336,244 @@ def test_groups_that_leave_layers_out_are_refused_by_name():
     with pytest.raises(ValueError, match=r"in no group, e\.g\. \['head"):
         gcp.prune_detector(model, torch.randn(1, 3, 128, 128), ratio=0.3, groups={"backbone": ["backbone.*"]})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("budget", ["params", "macs"])
+def test_depthwise_convs_count_in_the_params_and_macs_budgets(budget):
+    """Issue 15 item 4: the depthwise 3×3 of each block shrinks with its channels and the budget must see it."""
+    torch.manual_seed(0)
+    model = randomise_bn(MobileToy())
+    x = torch.randn(1, 3, 32, 32)
+    before = dict(zip(("macs", "params"), count_macs_params(model, x)))
+    report = gcp.prune_detector(model, x, ratio=0.3, method="slim", budget=budget).report
+    after = dict(zip(("macs", "params"), count_macs_params(model, x)))
+    for kind in ("macs", "params"):
+        assert report[kind]["pruned"] == pytest.approx(1 - after[kind] / before[kind], abs=1e-9), kind
+    assert report["achieved"] == pytest.approx(report[budget]["pruned"], abs=1e-9)
+    assert abs(report["achieved"] - 0.3) <= 0.01
+    assert model.blocks[0].dw[0].groups == model.blocks[0].dw[0].out_channels < 64
+
+
+class TransposedChain(nn.Module):
+    """A BN layer whose channels a ConvTranspose2d (upsampling, as in segmentation protos) reads."""
+
+    def __init__(self, out: int, kernel: int, stride: int, padding: int):
+        super().__init__()
+        self.first = cbl(3, 8, 3)
+        self.up = nn.ConvTranspose2d(8, out, kernel, stride, padding)
+        self.head = nn.Conv2d(out, 4, 1)
+
+    def forward(self, x):
+        return [self.head(self.up(self.first(x)))]
+
+
+def transposed_chain(out, kernel, stride, padding, equal_taps=False):
+    torch.manual_seed(0)
+    model = randomise_bn(TransposedChain(out, kernel, stride, padding))
+    bn = model.first[1]
+    bn.weight.data[[1, 4, 6]] = 0.0  # these channels now carry the constant LeakyReLU(β)
+    bn.bias.data[[1, 4, 6]] = torch.tensor([0.7, -0.4, 1.3])
+    if equal_taps:  # every output pixel then receives the same sum of taps from the removed channels
+        w = model.up.weight.data
+        w[[1, 4, 6]] = w[[1, 4, 6]].mean((2, 3), keepdim=True).expand_as(w[[1, 4, 6]]).clone()
+    return model
+
+
+def prune_first_bn(model, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gcp.prune_detector(
+            model,
+            x,
+            ratio={"first": 3 / 8},
+            allocator="explicit",
+            groups={"first": ["first.1"]},
+            ignored_layers=["up"],
+        )
+    assert model.first[0].out_channels == 5 and model.up.in_channels == 5
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("out", [8, 5])
+def test_transposed_conv_consumer_with_stride_one_is_compensated_exactly(out):
+    """Issue 15 item 5: ConvTranspose2d weights are (in, out, k, k); stride 1 sends every tap to every pixel."""
+    model = transposed_chain(out, kernel=3, stride=1, padding=1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        masked = model(x)[0]
+    assert not any("transposed conv" in m for m in prune_first_bn(model, x))
+    with torch.no_grad():
+        pruned = model(x)[0]
+    # only the 1-pixel border, which fewer taps reach, may differ
+    torch.testing.assert_close(pruned[..., 1:-1, 1:-1], masked[..., 1:-1, 1:-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("out", [8, 5])
+def test_transposed_conv_with_stride_equal_to_kernel_folds_the_mean_of_its_taps(out):
+    """Stride = kernel = 2: output pixel (2i+a, 2j+b) receives tap (a, b) alone, so a constant input comes out as
+    the tiled kernel. Equal taps make that a constant (exact); otherwise its spatial mean is kept and a warning
+    says the rest is lost."""
+    x = torch.randn(2, 3, 16, 16)
+    model = transposed_chain(out, kernel=2, stride=2, padding=0, equal_taps=True)
+    with torch.no_grad():
+        masked = model(x)[0]
+    assert not any("transposed conv" in m for m in prune_first_bn(model, x))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], masked, atol=1e-5, rtol=0)
+
+    model = transposed_chain(out, kernel=2, stride=2, padding=0)
+    with torch.no_grad():
+        masked = model(x)[0]
+    assert any("transposed conv with stride > 1" in m for m in prune_first_bn(model, x))
+    with torch.no_grad():
+        shift = model(x)[0] - masked
+    assert shift.abs().max() > 1e-3  # a periodic pattern remains ...
+    torch.testing.assert_close(shift.mean((2, 3)), torch.zeros(2, 4), atol=1e-5, rtol=0)  # ... around zero
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.ConvTranspose2d(6, 5, 2, 2),
+        nn.ConvTranspose2d(6, 5, 4, 2, 1),
+        nn.ConvTranspose2d(6, 5, 3, 2, 1, output_padding=1, dilation=2),
+        nn.Conv2d(6, 5, 3, 2, 1),
+    ],
+)
+def test_conv_columns_rebuild_the_layer_output(layer):
+    x = torch.randn(2, 6, 7, 9)
+    with torch.no_grad():
+        expected = layer(x) - layer.bias.view(1, -1, 1, 1)
+        cols, weight = conv_columns(layer, x)
+        rebuilt = torch.einsum("bckl,ock->bol", cols, weight).view_as(expected)
+    torch.testing.assert_close(rebuilt, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("out", [8, 5])
+def test_thinet_ranks_channels_a_transposed_conv_reads(out):
+    model = transposed_chain(out, kernel=2, stride=2, padding=0)
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gcp.prune_detector(model, x, ratio=0.3, method="thinet", calib_data=[x], ignored_layers=["up"])
+    assert model.up.in_channels < 8 and model.up.out_channels == out
+    model(x)
+
+
+class CopiesNet(nn.Module):
+    """SPP-like: the consumer reads every channel three times (identity pools), channel 0's copies cancel."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = cbl(3, 4, 3)
+        self.pools = nn.ModuleList(nn.MaxPool2d(1, 1) for _ in range(2))
+        self.head = nn.Conv2d(12, 2, 1, bias=False)
+
+    def forward(self, x):
+        y = self.first(x)
+        return [self.head(torch.cat([y] + [p(y) for p in self.pools], 1))]
+
+
+def test_thinet_sums_the_copies_of_a_root_channel():
+    """Issue 15 item 6: removing channel 0 removes all three copies, whose contributions add up to zero."""
+    torch.manual_seed(0)
+    model = randomise_bn(CopiesNet())
+    w = model.head.weight.data
+    w.mul_(0.1)
+    w[:, [0, 4, 8]] = torch.tensor([[1.0, 1.0, -2.0], [-3.0, -3.0, 6.0]]).view(2, 3, 1, 1)
+    x = torch.randn(2, 3, 16, 16)
+    group = build_graph(model, x).get_pruning_group(
+        model.first[0], tp.prune_conv_out_channels, list(range(4))
+    )
+    head_rows = [list(idxs) for dep, idxs in group if dep.layer is model.head]
+    assert sorted(head_rows[0]) == list(range(12))  # three local channels per root channel
+    scorer = ThiNetImportance()
+    scorer.collect(model, [x], [model.head], lambda m, b: m(b))
+    assert int(torch.argmin(scorer(group))) == 0  # removed first: it costs nothing
+
+
+class BoxHeadNet(nn.Module):
+    """A BN backbone and a Faster R-CNN-like box head: two fully connected layers without BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(cbl(3, 32, 3, 2), cbl(32, 64, 3, 2), cbl(64, 64, 3))
+        self.fc6 = nn.Linear(64 * 4 * 4, 128)
+        self.fc7 = nn.Linear(128, 128)
+        self.cls = nn.Linear(128, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.fc6(self.body(x).flatten(1)))
+        return [self.cls(torch.relu(self.fc7(h)))]
+
+
+@pytest.mark.parametrize("method", ["gcp", "slim"])
+def test_gamma_methods_rank_layers_without_batchnorm_by_filter_norm(method):
+    """Issue 15 item 13: γ decides the BN layers, filter L1 norm the box head; the params budget is met."""
+    x = torch.randn(1, 3, 16, 16)
+    torch.manual_seed(0)
+    model = randomise_bn(BoxHeadNet())
+    with pytest.warns(
+        UserWarning, match=r"2 layers without BatchNorm \(7\d\.\d% of params.*ranked by filter L1"
+    ):
+        report = gcp.prune_detector(model, x, ratio=0.3, method=method, budget="params").report
+    # one BN channel of body.2 is 16 inputs of fc6 (1 % of the params): the budget moves in coarse steps here
+    assert report["params"]["pruned"] == pytest.approx(0.3, abs=0.01)
+    assert report["bn_free"]["layers"] == ["fc6", "fc7"] and report["bn_free"]["handling"] == "l1"
+    assert 0.7 < report["bn_free"]["params_share"] < 0.8
+    assert model.fc6.out_features < 128 and model.fc7.out_features < 128
+    torch.manual_seed(0)
+    reference = randomise_bn(BoxHeadNet())
+    group = build_graph(reference, x).get_pruning_group(
+        reference.fc7, tp.prune_linear_out_channels, list(range(128))
+    )
+    strongest = torch.argsort(L1FilterImportance()(group), descending=True)[: model.fc7.out_features]
+    assert torch.equal(model.cls.weight, reference.cls.weight[:, strongest.sort().values])
+
+
+def test_bn_free_keep_leaves_those_layers_whole_and_says_so():
+    x = torch.randn(1, 3, 16, 16)
+    torch.manual_seed(0)
+    model = randomise_bn(BoxHeadNet())
+    with pytest.warns(UserWarning, match=r"were left whole: no γ method can prune them"):
+        report = gcp.prune_detector(model, x, ratio=0.3, method="slim", bn_free="keep").report
+    assert model.fc6.out_features == 128 and model.fc7.out_features == 128
+    assert report["bn_free"] == {
+        "handling": "keep",
+        "layers": ["fc6", "fc7"],
+        "params_share": pytest.approx((64 * 16 * 128 + 128 + 128 * 128 + 128) / report["params"]["before"]),
+    }
+
+
+def test_models_with_batchnorm_everywhere_report_no_bn_free_layers():
+    report = gcp.prune_detector(fresh(), X, ratio=0.3, method="slim").report
+    assert report["bn_free"] == {"handling": "l1", "layers": [], "params_share": 0.0}
+
+
+@pytest.mark.parametrize("channels", [16, 15])
+def test_a_concat_that_reads_both_chunks_gets_each_chunk(channels):
+    """Issue 15 item 14: C2f's concat reads chunk a and chunk b; each of its listings maps its own chunk (15
+    channels: chunks of 8 and 7), and torch-pruning's per-call remapping (every get_pruning_group) must not
+    undo the repair."""
+    torch.manual_seed(0)
+    model = randomise_bn(C2fToy(channels))
+    a, b = channels - channels // 2, channels // 2
+    graph = build_graph(model, torch.randn(1, 3, 16, 16))
+    for _ in range(2):
+        group = graph.get_pruning_group(model.cv1[0], tp.prune_conv_out_channels, idxs=[1, a + 1])
+        by_layer = {(dep.layer, dep.handler): sorted(idxs) for dep, idxs in group}
+        assert by_layer[(model.cv2[0], tp.prune_conv_in_channels)] == [1, a + 1, channels + 1]
+        assert by_layer[(model.m.a[0], tp.prune_conv_in_channels)] == [1]
+        assert by_layer[(model.m.b[1], tp.prune_batchnorm_out_channels)] == [1]
+    cat = next(n for n in graph.module2node.values() if n.type == tp.ops.OPTYPE.CONCAT)
+    assert cat.module.concat_sizes == [a, b, b]
+
+
+def test_every_consumer_of_a_split_keeps_its_chunk_after_any_group_query():
+    model = fresh()
+    graph = build_graph(model, X)
+    graph.get_pruning_group(model.stem[0], tp.prune_conv_out_channels, idxs=[0])  # re-runs tp's index mapping
+    group = graph.get_pruning_group(model.stage2[1].cv1[0], tp.prune_conv_out_channels, idxs=[3, 40])
+    by_layer = {(dep.layer, dep.handler): sorted(idxs) for dep, idxs in group}
+    assert by_layer[(model.stage2[1].res.a[0], tp.prune_conv_in_channels)] == [8]
+    assert by_layer[(model.stage2[1].cv2[0], tp.prune_conv_in_channels)] == [3, 40]

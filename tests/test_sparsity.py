@@ -158,3 +158,47 @@ def test_layer_relative_takes_gamma_out_of_the_optimiser_and_resumes_exactly():
             p.grad = torch.full_like(p, 0.3)
         hook.step(1, 10)
     torch.testing.assert_close(model[3].weight, copy[3].weight)
+
+
+def test_follow_schedule_scales_gammas_own_step_by_the_trainers_lr():
+    steps = {}
+    for follow in (False, True):
+        model = two_bn_model()
+        sparsity = DynamicSparsity(model, s=1.0, switch_at=1.0, follow_schedule=follow)
+        before = model[1].weight.detach().clone()  # no γ of this layer reaches 0 (the clip is not linear)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.1)
+        sparsity.on_lr(0.25)
+        sparsity.step(0, 2)
+        steps[follow] = model[1].weight.detach() - before
+    assert steps[False].abs().sum() > 0
+    torch.testing.assert_close(steps[True], 0.25 * steps[False])
+
+
+def test_fit_tells_hooks_each_steps_share_of_the_base_lr():
+    from _train_toys import ToyDetection, make_model, toy_loss
+
+    from gcp.train import fit
+
+    class Recorder:
+        scales: list[float] = []
+
+        def on_lr(self, scale: float) -> None:
+            self.scales.append(scale)
+
+    recorder = Recorder()
+    fit(
+        make_model(),
+        ToyDetection(8),
+        epochs=2,
+        batch_size=2,
+        lr=0.1,
+        hooks=[recorder],
+        loss_fn=toy_loss,
+        warmup_epochs=0.5,
+        ema=False,
+        progress=False,
+    )
+    scales = recorder.scales
+    assert len(scales) == 8 and max(scales) == pytest.approx(1.0, abs=0.2) and scales[-1] < 0.3
+    assert scales[0] < scales[2]  # warm-up rises, the cosine falls

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_toys import GammaSubgradient, Interrupted, TinyDetector, ToyDetection, make_model, toy_loss
+from _ddp_worker import GLOBAL_IMAGES, global_batch_options
+from _train_toys import (
+    FixedDetection,
+    GammaSubgradient,
+    Interrupted,
+    TinyDetector,
+    ToyDetection,
+    make_model,
+    make_plain_model,
+    toy_loss,
+)
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -343,9 +353,18 @@ def test_failed_save_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tm
 
 def test_bad_arguments_are_reported_together():
     with pytest.raises(ValueError) as error:
-        fit(make_model(), ToyDetection(2), epochs=0, lr=-1.0, optimizer="rmsprop", loss_fn=toy_loss)
+        fit(
+            make_model(),
+            ToyDetection(2),
+            epochs=0,
+            lr=-1.0,
+            optimizer="rmsprop",
+            loss_fn=toy_loss,
+            loss_reduction="avg",
+        )
     message = str(error.value)
     assert "epochs" in message and "lr must be positive" in message and "rmsprop" in message
+    assert "loss_reduction" in message
 
 
 def test_loss_without_total_is_an_error():
@@ -390,9 +409,17 @@ def run_torchrun(out: Path) -> None:
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
 
+@pytest.fixture(scope="module")
+def torchrun_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One two-process launch of _ddp_worker.py, shared by the distributed tests below."""
+    out = tmp_path_factory.mktemp("ddp")
+    run_torchrun(out)
+    return out
+
+
 @pytest.mark.timeout(240)
-def test_distributed_training_on_two_cpu_processes(tmp_path):
-    run_torchrun(tmp_path)
+def test_distributed_training_on_two_cpu_processes(torchrun_out: Path) -> None:
+    tmp_path = torchrun_out
     runs = {
         (run, rank): torch.load(tmp_path / f"{run}_rank{rank}.pt", weights_only=True)
         for run in ("straight", "resumed")
@@ -407,3 +434,20 @@ def test_distributed_training_on_two_cpu_processes(tmp_path):
     assert losses[-1] < losses[0]
     # Rank 0 alone wrote the checkpoints; they hold both ranks' random states.
     assert len(load_checkpoint(tmp_path / "straight" / "last.pt")["rng"]) == 2
+
+
+@pytest.mark.timeout(240)
+def test_two_processes_on_b_images_each_step_like_one_process_on_2b(torchrun_out: Path) -> None:
+    """DDP averages the ranks' gradients; with a loss summed over images (YoloLoss's convention) that average
+    is half the gradient of the 2B images, so without scaling by the world size two processes train at lr / 2."""
+    model = make_plain_model()
+    history = fit(model, FixedDetection(GLOBAL_IMAGES), batch_size=4, **global_batch_options())
+    initial = make_plain_model().state_dict()
+    for rank in (0, 1):
+        distributed = torch.load(torchrun_out / f"global_rank{rank}.pt", weights_only=True)
+        for name, value in model.state_dict().items():
+            assert not torch.equal(value, initial[name]), name  # the comparison is about a real update
+            torch.testing.assert_close(distributed["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        # The logged loss is the global batch's too (a sum over all 2B images of the step).
+        for name in ("train/total", "train/obj"):
+            assert distributed["history"][name] == pytest.approx(history[name], rel=1e-5), name

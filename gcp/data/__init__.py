@@ -8,11 +8,12 @@ from gcp.data.common import CorruptFileError, DatasetError, DetectionDataset, Im
 from gcp.data.digits import make_digit_scenes
 from gcp.data.transforms import letterbox
 from gcp.data.voc import VOC_CLASSES, VOCDataset
-from gcp.data.yolo import YOLODataset
+from gcp.data.yolo import DataYaml, YOLODataset, read_data_yaml
 
 __all__ = [
     "COCODataset",
     "CorruptFileError",
+    "DataYaml",
     "DatasetError",
     "DetectionDataset",
     "ImageRecord",
@@ -22,4 +23,5 @@ __all__ = [
     "collate",
     "letterbox",
     "make_digit_scenes",
+    "read_data_yaml",
 ]

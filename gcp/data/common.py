@@ -33,15 +33,31 @@ class CorruptFileError(DatasetError):
     """One image or annotation file is missing or unreadable; ``strict=False`` readers skip such files."""
 
 
+def _no_boxes() -> torch.Tensor:
+    return torch.zeros(0, 4)
+
+
+def _no_labels() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long)
+
+
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image and its objects, boxes ``xyxy`` in the pixels of the original (not letterboxed) image."""
+    """One image and its objects, boxes ``xyxy`` in the pixels of the original (not letterboxed) image.
+
+    ``boxes``/``labels`` are the objects a detector is trained on and scored against. ``difficult_boxes`` /
+    ``difficult_labels`` are VOC's "difficult" objects, kept apart because the VOC protocol neither trains on
+    them nor counts them as ground truth, but ignores detections that hit them (:mod:`gcp.evaluate`): dropping
+    them outright would score such a detection as a false positive.
+    """
 
     image_path: Path
     width: int
     height: int
     boxes: torch.Tensor  # FloatTensor[N, 4]
     labels: torch.Tensor  # LongTensor[N]
+    difficult_boxes: torch.Tensor = field(default_factory=_no_boxes)  # FloatTensor[M, 4]
+    difficult_labels: torch.Tensor = field(default_factory=_no_labels)  # LongTensor[M]
 
 
 @dataclass
@@ -111,20 +127,31 @@ def positive_area(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
+def _fixed_boxes(
+    boxes: torch.Tensor, labels: torch.Tensor, width: int, height: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Boxes clipped to the image and those of zero area dropped, their labels, and the counts of both."""
+    clipped = clip_boxes(boxes, width, height)
+    keep = positive_area(clipped)
+    changed = int(((clipped != boxes).any(dim=1) & keep).sum())
+    return clipped[keep], labels[keep], changed, int((~keep).sum())
+
+
 def checked_records(records: Sequence[ImageRecord], dataset_name: str) -> list[ImageRecord]:
     """Clip boxes reaching outside their image and drop zero-area ones, with one warning for each kind of
-    fix (issue §7), so a sloppy annotation neither crashes training nor passes unnoticed."""
+    fix (issue §7), so a sloppy annotation neither crashes training nor passes unnoticed. Difficult objects
+    get the same fixes and count in the same warnings."""
     if not records:
         raise DatasetError(f"{dataset_name}: the dataset is empty (no readable images found)")
     fixed, clipped_in, dropped_in, n_clipped, n_dropped = [], [], [], 0, 0
     for record in records:
-        boxes = clip_boxes(record.boxes, record.width, record.height)
-        keep = positive_area(boxes)
-        changed = int(((boxes != record.boxes).any(dim=1) & keep).sum())
-        dropped = int((~keep).sum())
-        fixed.append(
-            ImageRecord(record.image_path, record.width, record.height, boxes[keep], record.labels[keep])
+        size = (record.width, record.height)
+        boxes, labels, changed, dropped = _fixed_boxes(record.boxes, record.labels, *size)
+        hard_boxes, hard_labels, hard_changed, hard_dropped = _fixed_boxes(
+            record.difficult_boxes, record.difficult_labels, *size
         )
+        changed, dropped = changed + hard_changed, dropped + hard_dropped
+        fixed.append(ImageRecord(record.image_path, *size, boxes, labels, hard_boxes, hard_labels))
         n_clipped, n_dropped = n_clipped + changed, n_dropped + dropped
         if changed:
             clipped_in.append(record.image_path.name)
@@ -148,7 +175,9 @@ class DetectionDataset(Dataset):
     """Letterboxed ``(image, target)`` pairs in the format of docs/design.md, from parsed records.
 
     ``image`` is a float tensor ``(3, size, size)`` in ``[0, 1]``; ``target`` holds ``boxes`` (xyxy pixels of
-    the letterboxed image), ``labels`` in ``[0, num_classes)`` and ``image_id`` (the item's index).
+    the letterboxed image), ``labels`` in ``[0, num_classes)`` and ``image_id`` (the item's index), plus
+    ``difficult_boxes``/``difficult_labels`` (VOC's difficult objects, usually empty): the loss reads only
+    ``boxes``/``labels``, :func:`gcp.evaluate.compute_map` ignores detections of the difficult ones.
     ``augment=True`` applies :func:`gcp.data.transforms.training_augmentation`; ``horizontal_flip=False`` leaves
     its mirroring out, for classes that a mirror changes (digits, text).
     """
@@ -196,20 +225,35 @@ class DetectionDataset(Dataset):
                 f"{record.width}x{record.height}"
             )
         image = tv_tensors.Image(pixels)
-        boxes = tv_tensors.BoundingBoxes(record.boxes, format="XYXY", canvas_size=(height, width))
+        # Difficult objects ride along with the others, flagged, so every geometric step moves them alike
+        # (a second BoundingBoxes would be filtered with the first one's mask by SanitizeBoundingBoxes); each
+        # step acts box by box, so the other objects come out exactly as without them.
+        all_boxes = torch.cat([record.boxes, record.difficult_boxes.to(record.boxes.dtype)])
+        difficult = torch.cat(
+            [
+                torch.zeros(len(record.labels), dtype=torch.bool),
+                torch.ones(len(record.difficult_labels), dtype=torch.bool),
+            ]
+        )
+        boxes = tv_tensors.BoundingBoxes(all_boxes, format="XYXY", canvas_size=(height, width))
         image, boxes = letterbox(image, boxes, self.size)
         sample = {
             "image": F.to_dtype(image, torch.float32, scale=True),
             "boxes": boxes,
-            "labels": record.labels,
+            "labels": torch.cat([record.labels, record.difficult_labels.to(record.labels.dtype)]),
+            "difficult": difficult,
         }
         if self._augmentation is not None:
             sample = self._augmentation(sample)
         sample = self._finalize(sample)
+        boxes, labels = sample["boxes"].as_subclass(torch.Tensor).float(), sample["labels"].long()
+        normal = ~sample["difficult"]
         target = {
-            "boxes": sample["boxes"].as_subclass(torch.Tensor).float(),
-            "labels": sample["labels"].long(),
+            "boxes": boxes[normal],
+            "labels": labels[normal],
             "image_id": index,
+            "difficult_boxes": boxes[~normal],
+            "difficult_labels": labels[~normal],
         }
         return sample["image"].as_subclass(torch.Tensor), target
 

@@ -6,6 +6,8 @@ boxes follow the pixels by construction instead of by hand-written arithmetic.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -63,6 +65,18 @@ def training_augmentation(*, horizontal_flip: bool = True) -> v2.Compose:
     )
 
 
+#: Per-box entries of a sample that must be dropped together with their boxes.
+PER_BOX_KEYS = ("labels", "difficult")
+
+
+def per_box_entries(sample: Any) -> tuple[torch.Tensor, ...]:
+    """The per-box tensors of a sample dict (labels and the difficult flags) for ``SanitizeBoundingBoxes``,
+    whose default finds only ``labels`` and would leave the flags misaligned with the boxes it drops."""
+    return tuple(sample[key] for key in PER_BOX_KEYS if key in sample)
+
+
 def finalize_boxes() -> v2.Compose:
     """Clamp boxes to the canvas and drop the degenerate ones (under 1 px) that resizing left."""
-    return v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)])
+    return v2.Compose(
+        [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=per_box_entries)]
+    )

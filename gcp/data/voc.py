@@ -33,10 +33,12 @@ LABELS_FILE = "labels.txt"
 
 @dataclass(frozen=True)
 class VOCObject:
-    """One ``<object>`` of an annotation: its class name and ``xyxy`` box in 0-based pixel edges."""
+    """One ``<object>`` of an annotation: its class name, ``xyxy`` box in 0-based pixel edges and VOC's
+    ``difficult`` flag."""
 
     name: str
     box: tuple[float, float, float, float]
+    difficult: bool = False
 
 
 def read_class_names(root: Path) -> tuple[str, ...]:
@@ -61,11 +63,11 @@ def read_split_ids(root: Path, split: str) -> list[str]:
 
 
 def parse_voc_xml(path: Path) -> list[VOCObject]:
-    """Objects of one VOC annotation, ``difficult`` ones excluded.
+    """Objects of one VOC annotation, ``difficult`` ones included and flagged.
 
     VOC's ``bndbox`` holds 1-based inclusive pixel indices; ``xmin - 1, ymin - 1, xmax, ymax`` are the
-    0-based pixel edges used everywhere else. Difficult objects are left out of training and evaluation
-    (the VOC07 protocol ignores them; here they are neither positives nor negatives).
+    0-based pixel edges used everywhere else. Difficult objects are kept (not trained on, but needed at
+    evaluation: the VOC protocol ignores detections of them, which it cannot do for objects it never saw).
     """
     if not path.is_file():
         raise CorruptFileError(f"annotation file not found: {path}")
@@ -73,14 +75,13 @@ def parse_voc_xml(path: Path) -> list[VOCObject]:
         root = ET.parse(path).getroot()
         objects = []
         for element in root.iter("object"):
-            if int(element.findtext("difficult", default="0").strip() or 0):
-                continue
+            difficult = bool(int(element.findtext("difficult", default="0").strip() or 0))
             name = element.findtext("name")
             bndbox = element.find("bndbox")
             if name is None or bndbox is None:
                 raise ValueError("an <object> lacks <name> or <bndbox>")
             xmin, ymin, xmax, ymax = (float(bndbox.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
-            objects.append(VOCObject(name.strip(), (xmin - 1.0, ymin - 1.0, xmax, ymax)))
+            objects.append(VOCObject(name.strip(), (xmin - 1.0, ymin - 1.0, xmax, ymax), difficult))
         return objects
     except (ET.ParseError, ValueError, TypeError) as error:
         raise CorruptFileError(f"cannot parse annotation {path}: {error}") from error
@@ -100,6 +101,15 @@ def labels_for(
         examples = ", ".join(f"{name!r} (e.g. for {path.name})" for name, path in sorted(unknown.items()))
         raise DatasetError(f"class name(s) not in the label map {list(class_names)}: {examples}")
     return label_of
+
+
+def _tensors(
+    objects: Sequence[VOCObject], label_of: dict[str, int], difficult: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes ``(N, 4)`` and labels ``(N,)`` of the objects whose difficult flag is ``difficult``."""
+    chosen = [obj for obj in objects if obj.difficult == difficult]
+    boxes = torch.tensor([obj.box for obj in chosen], dtype=torch.float32).reshape(-1, 4)
+    return boxes, torch.tensor([label_of[obj.name] for obj in chosen], dtype=torch.long)
 
 
 class VOCDataset(DetectionDataset):
@@ -139,8 +149,8 @@ class VOCDataset(DetectionDataset):
                 image_path,
                 width,
                 height,
-                torch.tensor([obj.box for obj in objects], dtype=torch.float32).reshape(-1, 4),
-                torch.tensor([label_of[obj.name] for obj in objects], dtype=torch.long),
+                *_tensors(objects, label_of, False),
+                *_tensors(objects, label_of, True),
             )
             for image_path, (width, height), objects in parsed
         ]

@@ -1,15 +1,20 @@
 """YOLO-txt reader: ``images/{split}/*`` with ``labels/{split}/<stem>.txt`` lines ``class cx cy w h``.
 
 Coordinates are normalised to ``[0, 1]`` by the image size. As in the YOLO convention, an image without a
-label file is a background image with no objects; an empty label file means the same.
+label file is a background image with no objects; an empty label file means the same. Label files are found
+as Ultralytics finds them (the image folder's path with its last ``images`` replaced by ``labels``), and an
+Ultralytics ``data.yaml`` is read by Ultralytics' own checker (:func:`read_data_yaml`), so gcp's evaluator
+reads the images Ultralytics' trainer trains on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from gcp.data.common import (
     CorruptFileError,
@@ -56,17 +61,79 @@ def normalised_cxcywh_to_xyxy(rows: torch.Tensor, width: int, height: int) -> to
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
 
 
+def label_folder(image_folder: Path) -> Path:
+    """Where Ultralytics looks for an image folder's label files: its path with the last ``images`` part
+    replaced by ``labels`` (``root/images/train`` → ``root/labels/train``, ``train/images`` → ``train/labels``);
+    beside the images when no part is called ``images``."""
+    parts = image_folder.parts
+    if "images" not in parts:
+        return image_folder
+    last = len(parts) - 1 - parts[::-1].index("images")
+    return Path(*parts[:last], "labels", *parts[last + 1 :])
+
+
+@dataclass(frozen=True)
+class DataYaml:
+    """What an Ultralytics ``data.yaml`` describes: class names and, per split, its image folders."""
+
+    path: Path
+    class_names: list[str]
+    splits: dict[str, list[Path]]
+
+    def folders(self, split: str) -> list[Path]:
+        """The image folders of ``split``; a DatasetError naming the file when it has none."""
+        if not self.splits.get(split):
+            raise DatasetError(f"{self.path} has no {split!r} split (it has {', '.join(self.splits)})")
+        return self.splits[split]
+
+
+def read_data_yaml(path: str | Path) -> DataYaml:
+    """Read an Ultralytics ``data.yaml`` with Ultralytics' own checker (``check_det_dataset``, downloads off), so
+    paths resolve exactly as for its trainer; each problem is one DatasetError line. gcp reads folders of
+    images, so a split given as a list file (``train.txt``) is refused."""
+    path = Path(path)
+    try:
+        from ultralytics.data.utils import check_det_dataset
+    except ImportError as error:
+        raise DatasetError(
+            f"{path}: a data.yaml is read with Ultralytics' own checker; install it with "
+            f"pip install 'gcp[ultralytics]' ({error})"
+        ) from None
+    try:
+        described = check_det_dataset(str(path), autodownload=False)
+    except (FileNotFoundError, SyntaxError, TypeError, ValueError, yaml.YAMLError) as error:
+        from gcp.serialize import one_line  # (Ultralytics' messages run over several lines)
+
+        raise DatasetError(f"{path}: {one_line(error)}") from None
+    splits = {}
+    for split in ("train", "val", "test"):
+        entries = described.get(split) or []
+        folders = [Path(entry) for entry in ([entries] if isinstance(entries, str) else entries)]
+        not_folders = [str(folder) for folder in folders if not folder.is_dir()]
+        if not_folders:
+            raise DatasetError(
+                f"{path}: {split} names {not_folders[0]}, which is not a folder of images (missing, or a list "
+                "file: gcp reads image folders)"
+            )
+        if folders:
+            splits[split] = folders
+    names = described["names"]
+    return DataYaml(path, [names[index] for index in sorted(names)], splits)
+
+
 class YOLODataset(DetectionDataset):
     """A YOLO-txt dataset as letterboxed ``(image, target)`` pairs (see docs/design.md).
 
-    The format has no class list of its own, so ``class_names`` is required. With ``strict=False`` unreadable
-    images or label files are skipped and counted in one warning instead of raising.
+    The images are ``root/images/<split>``, or ``root`` itself when ``split`` is None (a folder named by a
+    ``data.yaml``, see :func:`read_data_yaml`); labels are in :func:`label_folder`. The format has no class
+    list of its own, so ``class_names`` is required. With ``strict=False`` unreadable images or label files
+    are skipped and counted in one warning instead of raising.
     """
 
     def __init__(
         self,
         root: str | Path,
-        split: str,
+        split: str | None = None,
         *,
         size: int = 416,
         augment: bool = False,
@@ -75,7 +142,8 @@ class YOLODataset(DetectionDataset):
         strict: bool = True,
     ) -> None:
         root = Path(root)
-        image_dir, label_dir = root / "images" / split, root / "labels" / split
+        image_dir = root if split is None else root / "images" / split
+        label_dir = label_folder(image_dir)
         if not image_dir.is_dir():
             raise DatasetError(f"YOLO image folder not found: {image_dir}")
         image_paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -92,7 +160,7 @@ class YOLODataset(DetectionDataset):
             )
 
         records = parse_items(image_paths, parse, strict=strict, skipped=skipped)
-        dataset_name = f"YOLODataset({root}, {split!r})"
+        dataset_name = f"YOLODataset({root})" if split is None else f"YOLODataset({root}, {split!r})"
         skipped.warn(dataset_name)
         super().__init__(
             records,

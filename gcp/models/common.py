@@ -165,8 +165,13 @@ def as_anchor_tensor(anchors: Sequence | torch.Tensor | None, num_scales: int = 
     """Validate anchors given as nested sequences or a tensor and return a float tensor (num_scales, A, 2).
 
     ``None`` gives :data:`YOLOV4_ANCHORS`. Anchors are widths and heights in input pixels, one row per stride.
+    The values are checked on the CPU and returned on the default device, except the meta device: there the
+    anchors (a few numbers, which the builders read back into their record) stay on the CPU, so that a
+    detector can be built without memory to count its parameters, which is how :mod:`gcp.serialize` sizes a
+    model file's recorded builder before building it.
     """
-    tensor = torch.as_tensor(YOLOV4_ANCHORS if anchors is None else anchors, dtype=torch.float32)
+    values = YOLOV4_ANCHORS if anchors is None else anchors
+    tensor = torch.as_tensor(values, dtype=torch.float32, device="cpu")
     if tensor.dim() != 3 or tensor.shape[0] != num_scales or tensor.shape[2] != 2 or tensor.shape[1] < 1:
         raise ValueError(
             f"anchors must have shape ({num_scales}, A, 2) (one row of (w, h) pairs per stride), "
@@ -174,7 +179,8 @@ def as_anchor_tensor(anchors: Sequence | torch.Tensor | None, num_scales: int = 
         )
     if not torch.isfinite(tensor).all() or (tensor <= 0).any():
         raise ValueError("anchors must be positive, finite widths and heights in pixels")
-    return tensor.clone()
+    device = torch.get_default_device()
+    return tensor.to("cpu" if device.type == "meta" else device, copy=True)
 
 
 def scale_anchors(anchors: Sequence | torch.Tensor | None, factor: float) -> torch.Tensor:

@@ -22,6 +22,9 @@ from gcp.models.common import (
 
 # Res units per stage of Darknet53 (strides 2, 4, 8, 16, 32).
 DARKNET53_REPEATS = (1, 2, 8, 8, 4)
+# Strides of the attention maps distilled for Darknet53-YOLOv3: paper §6.3 uses four scales, 104x104 to 13x13
+# of a 416 input, where YOLOv4 and MobileNet-YOLOv3 use five (208x208 too). Read by distill.taps.tap_strides.
+DARKNET53_ATTENTION_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 
 
 class DarknetStage(nn.Module):
@@ -95,8 +98,10 @@ def yolov3(
     anchors: Sequence | torch.Tensor | None = None,
 ) -> FPNDetector:
     """Build YOLOv3 (Darknet53 + FPN). ``width`` scales channels (multiples of 8), ``depth`` the Res units;
-    ``anchors`` (3, A, 2) in input pixels default to YOLOv4's 416-px anchors."""
+    ``anchors`` (3, A, 2) in input pixels default to YOLOv4's 416-px anchors. ``model.attention_strides`` are
+    the four scales §6.3 distils it at."""
     model = FPNDetector(darknet53(width, depth), num_classes, width, anchors)
+    model.attention_strides = DARKNET53_ATTENTION_STRIDES
     model.gcp_builder = {
         "name": "yolov3",
         "kwargs": {

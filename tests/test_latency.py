@@ -1,0 +1,356 @@
+"""budget="latency": the per-layer latency table (model, cache key, reuse), bisection on it, rounding, profiling.
+
+Timings on the shared test machine are noise, so the pruning tests run on fake runtimes whose times are
+formulas; ONNX Runtime itself is exercised only for what must really run there (the one-layer graphs, the
+profiler, one tiny table).
+"""
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _core_toys import MobileToy, ToyDetector, randomise_bn
+from torch import nn
+
+import gcp
+from gcp.graph import build_graph
+from gcp.latency import (
+    ACTIVATIONS,
+    ConvSpec,
+    LayerTimes,
+    OnnxRuntimeTimer,
+    TensorRTTimer,
+    activation_after,
+    channel_grid,
+    compare_profiles,
+    conv_graph,
+    profile_onnxruntime,
+    table_key,
+)
+from gcp.report import count_macs_params
+from grouping.trace import run_forward
+
+X = torch.randn(1, 3, 64, 64)
+PER_MAC = 1e-6  # ms per multiply-accumulate of the fake runtimes
+
+
+def fresh(seed: int = 0, cls=ToyDetector, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomise_bn(cls(**kw), seed)
+
+
+def conv_macs(spec: ConvSpec, cin: int, cout: int) -> float:
+    groups = spec.group_count(cout)
+    cin = cout if spec.groups == "depthwise" else cin
+    out_h, out_w = spec.out_hw()
+    return float(spec.batch * cout * (cin // groups) * spec.kernel[0] * spec.kernel[1] * out_h * out_w)
+
+
+class FakeTimer:
+    """A runtime where a conv call takes PER_MAC × its MACs + ``per_call`` ms and the whole network its MACs'
+    time + ``per_call`` per conv call + ``remainder``; counts what it is asked to time."""
+
+    def __init__(self, per_call=0.0, remainder=0.0, align=1, threads=1, version="1"):
+        self.per_call, self.remainder, self.align = per_call, remainder, align
+        self.threads, self.version = threads, version
+        self.conv_calls = self.model_calls = 0
+
+    def describe(self):
+        return {"runtime": "fake", "version": self.version, "threads": self.threads, "device": "test"}
+
+    def time_conv(self, spec, cin, cout):
+        self.conv_calls += 1
+        return PER_MAC * conv_macs(spec, cin, cout) + self.per_call
+
+    def time_model(self, network, images):
+        self.model_calls += 1
+        macs, _ = count_macs_params(network, images)
+        convs = sum(1 for m in network.modules() if isinstance(m, nn.Conv2d))
+        return PER_MAC * macs * images.shape[0] + self.per_call * convs + self.remainder
+
+
+def prune(model, timer, cache, **kw):
+    kw.setdefault("ratio", 0.3)
+    return gcp.prune_detector(model, X, budget="latency", latency=timer, latency_cache=cache, **kw)
+
+
+def channels(model):
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+# --------------------------------------------------------------------------------- the model itself
+
+
+def test_channel_grid_is_multiples_of_the_block_and_one_point_where_nothing_changes():
+    assert channel_grid(64, True, 8) == (16, 32, 48, 64)
+    assert channel_grid(20, True, 8) == (8, 16, 20)
+    assert channel_grid(8, True, 16) == (8,)
+    assert channel_grid(3, False, 8) == (3,)
+
+
+def test_piecewise_bilinear_times_are_exact_for_a_bilinear_cost_even_past_the_grid():
+    def cost(ci, co):
+        return 0.2 + 0.01 * ci + 0.03 * co + 0.002 * ci * co
+
+    grid_in, grid_out = [8, 16, 32], [16, 32, 64]
+    times = LayerTimes(grid_in, grid_out, [[cost(ci, co) for co in grid_out] for ci in grid_in])
+    for ci, co in [(8, 16), (12, 40), (32, 64), (4, 8), (20, 60)]:
+        assert times(ci, co) == pytest.approx(cost(ci, co))
+
+
+def test_noisy_measurements_are_made_monotone_so_a_smaller_layer_is_never_slower():
+    # a spike at the smallest point (timing noise) must not survive: bisection needs a monotone budget
+    times = LayerTimes([8, 16], [8, 16], [[5.0, 2.0], [1.5, 3.0]])
+    assert times.ms.tolist() == [[1.5, 2.0], [1.5, 3.0]]
+    counts = np.linspace(8, 16, 9)
+    values = [[times(ci, co) for co in counts] for ci in counts]
+    assert np.all(np.diff(values, axis=0) >= -1e-12) and np.all(np.diff(values, axis=1) >= -1e-12)
+
+
+class Acts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1))
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Mish())
+        self.d = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = nn.functional.silu(self.b(x))
+        y = self.c(x)
+        return [self.d(y) + y]
+
+
+def test_the_activation_after_each_conv_is_read_off_the_graph():
+    model = Acts().eval()
+    graph = build_graph(model, X, lambda m, x: run_forward(m, x), None)
+    found = {n: activation_after(graph, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert found == {"a.0": "LeakyRelu", "b": "Silu", "c.0": "Mish", "d": "none"}
+
+
+@pytest.mark.parametrize("activation", [*ACTIVATIONS, "none"])
+@pytest.mark.parametrize("groups", ["dense", "depthwise"])
+def test_one_layer_graphs_run_in_onnxruntime_with_the_spec_shape(activation, groups):
+    import onnxruntime as ort
+
+    spec = ConvSpec(1, 15, 16, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), groups, activation, 16, 16, (16,), (16,))
+    session = ort.InferenceSession(conv_graph(spec, 16, 8), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"X": np.ones((1, 8 if groups == "depthwise" else 16, 15, 16), np.float32)})
+    assert out.shape == (1, 8, *spec.out_hw()) == (1, 8, 8, 8)
+
+
+# ------------------------------------------------------------------------------------- cache key and reuse
+
+
+def test_cache_key_depends_on_architecture_input_runtime_and_threads_not_on_weights():
+    timer = OnnxRuntimeTimer(threads=1)
+    key = table_key(fresh(0), X.shape, timer)
+    assert key == table_key(fresh(1), X.shape, OnnxRuntimeTimer(threads=1))  # other weights, same network
+    others = [
+        table_key(fresh(0), (1, 3, 96, 96), timer),
+        table_key(fresh(0), (2, 3, 64, 64), timer),
+        table_key(fresh(0), X.shape, OnnxRuntimeTimer(threads=2)),
+        table_key(fresh(0, width=8), X.shape, timer),
+        table_key(fresh(0), X.shape, FakeTimer()),
+        table_key(fresh(0), X.shape, FakeTimer(version="2")),
+    ]
+    assert len({key, *others}) == 1 + len(others)
+
+
+def test_a_second_pruning_of_the_same_network_measures_nothing(tmp_path):
+    timer = FakeTimer()
+    first = prune(fresh(), timer, tmp_path)
+    assert timer.model_calls == 1 and timer.conv_calls > 0
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    again = FakeTimer()
+    second = prune(fresh(1), again, tmp_path)  # other weights: the same table
+    assert again.model_calls == again.conv_calls == 0
+    assert second.report["latency"]["table"] == first.report["latency"]["table"]
+    # other layers held whole change the grids of a few layers: only those are measured
+    third = FakeTimer()
+    prune(fresh(), third, tmp_path, ignored_layers=["stage3.0.0"])
+    assert third.model_calls == 0 and 0 < third.conv_calls < timer.conv_calls
+
+
+def test_the_cache_folder_comes_from_gcp_cache_dir_and_a_damaged_file_is_measured_again(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("GCP_CACHE_DIR", str(tmp_path))
+    gcp.prune_detector(fresh(), X, ratio=0.3, budget="latency", latency=FakeTimer())
+    (path,) = (tmp_path / "latency").glob("*.json")
+    stored = json.loads(path.read_text())
+    assert (
+        stored["format"] == "gcp.latency/1" and stored["model_ms"] > 0 and stored["info"]["runtime"] == "fake"
+    )
+    path.write_text("{ not json")
+    timer = FakeTimer()
+    with pytest.warns(UserWarning, match="ignoring latency cache"):
+        gcp.prune_detector(fresh(), X, ratio=0.3, budget="latency", latency=timer)
+    assert timer.model_calls == 1 and json.loads(path.read_text())["key"] == stored["key"]
+
+
+def test_a_tiny_table_on_onnxruntime_is_measured_and_reused(tmp_path):
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU(), nn.Conv2d(16, 8, 1)
+    ).eval()
+    x = torch.randn(1, 3, 32, 32)
+    timer = OnnxRuntimeTimer(threads=1, runs=2, warmup=0, model_runs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one prunable layer of 16 channels in blocks of 8: ratio approximate
+        result = gcp.prune_detector(
+            model, x, ratio=0.2, method="l1", budget="latency", latency=timer, latency_cache=tmp_path
+        )
+    report = result.report["latency"]
+    assert report["runtime"] == "onnxruntime" and report["threads"] == 1 and report["measured_ms"] > 0
+    stored = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert set(stored["layers_ms"]) == {"0", "3"} and stored["info"]["align"] in (8, 16)
+
+
+# ------------------------------------------------------------------------------------- bisection on the table
+
+
+@pytest.mark.parametrize("cls", [ToyDetector, MobileToy])
+def test_a_runtime_whose_time_is_the_macs_prunes_exactly_like_the_macs_budget(tmp_path, cls):
+    by_latency = fresh(cls=cls)
+    latency = prune(by_latency, FakeTimer(), tmp_path, ratio=0.35).report
+    by_macs = fresh(cls=cls)
+    macs = gcp.prune_detector(by_macs, X, ratio=0.35, budget="macs").report
+    assert latency["latency"]["pruned"] == pytest.approx(macs["macs"]["pruned"], abs=1e-9)
+    assert channels(by_latency) == channels(by_macs)
+
+
+@pytest.mark.parametrize("method", ["gcp", "slim", "l1"])
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_latency_budget_lands_within_two_percent_of_the_requested_predicted_cut(tmp_path, method, ratio):
+    # per-call overhead and a fixed remainder: the latency cut is no longer the MACs cut
+    timer = FakeTimer(per_call=1.0, remainder=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the toy's γ have no valleys
+        report = prune(fresh(width=32), timer, tmp_path, ratio=ratio, method=method).report
+    assert report["budget"] == "latency" and report["achieved"] == pytest.approx(report["latency"]["pruned"])
+    assert abs(report["latency"]["pruned"] - ratio) <= 0.02 * ratio
+    assert report["latency"]["predicted_ms"] == pytest.approx(
+        report["latency"]["measured_ms"] * (1 - ratio), rel=0.03
+    )
+    assert report["macs"]["pruned"] > ratio  # the constants make latency harder to cut than MACs
+
+
+def test_latency_budget_rounds_to_the_runtime_block_by_default(tmp_path):
+    model = fresh()
+    report = prune(model, FakeTimer(align=8), tmp_path, ratio=0.4).report
+    assert report["round_to"] == {"multiple": 8, "left_whole": []}
+    for name, count in channels(model).items():
+        if name not in ("head8.1", "head16.1"):
+            assert count % 8 == 0, (name, count)
+
+
+# ------------------------------------------------------------------------------------- rounding (issue 14 item 2)
+
+
+def test_layers_too_small_to_round_are_left_whole_and_named():
+    model = fresh()
+    with pytest.warns(
+        UserWarning, match=r"round_to=32: 1 layers have fewer channels and are left whole.*stem\.0"
+    ):
+        report = gcp.prune_detector(model, X, ratio=0.5, method="slim", round_to=32).report
+    assert report["round_to"] == {"multiple": 32, "left_whole": ["stem.0"]}
+    assert model.stem[0].out_channels == 16
+    for name, count in channels(model).items():
+        if name not in ("stem.0", "head8.1", "head16.1"):
+            assert count % 32 == 0, (name, count)
+
+
+def test_round_to_above_every_layer_is_refused():
+    with pytest.raises(ValueError, match=r"round_to=256 is larger than every prunable layer.*round_to=1"):
+        gcp.prune_detector(fresh(), X, ratio=0.3, round_to=256)
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(budget="latency", latency="bogus"), ValueError, "latency must be one of"),
+        (dict(budget="latency", latency=object()), ValueError, "latency must be one of"),
+        (dict(budget="macs", latency="onnxruntime"), ValueError, "apply to budget='latency'"),
+        (dict(budget="macs", latency_cache="x"), ValueError, "apply to budget='latency'"),
+        (dict(budget="latency", latency=FakeTimer(align=0)), ValueError, "align must be a positive"),
+        (dict(budget="speed"), ValueError, "unknown budget"),
+    ],
+)
+def test_bad_latency_settings_raise_before_the_model_is_touched(kwargs, error, message):
+    model = fresh()
+    before = state(model)
+    with pytest.raises(error, match=message):
+        gcp.prune_detector(model, X, ratio=0.3, **kwargs)
+    after = state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_cache_path_that_is_a_file_and_inputs_that_are_no_image_batch_are_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is not a folder"):
+        prune(fresh(), FakeTimer(), tmp_path / "file")
+    with pytest.raises(ValueError, match="one image batch"):
+        gcp.prune_detector(fresh(), [X], ratio=0.3, budget="latency", latency=FakeTimer())
+
+
+def test_a_network_without_convs_is_refused(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="Conv2d layers, and this one has none"):
+        gcp.prune_detector(
+            model, X, ratio=0.3, method="l1", budget="latency", latency=FakeTimer(), latency_cache=tmp_path
+        )
+
+
+def test_a_timer_that_measures_no_time_is_refused(tmp_path):
+    timer = FakeTimer()
+    timer.time_model = lambda network, images: 0.0
+    with pytest.raises(ValueError, match="a latency must be positive"):
+        prune(fresh(), timer, tmp_path)
+
+
+def test_timer_settings_are_checked():
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        OnnxRuntimeTimer(threads=0)
+    with pytest.raises(ValueError, match="runs must be an integer >= 1"):
+        OnnxRuntimeTimer(runs=0)
+
+
+def test_tensorrt_without_cuda_says_what_is_missing():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(
+        RuntimeError, match="TensorRT needs the 'tensorrt' package .* found: .*no CUDA device"
+    ):
+        TensorRTTimer()
+    with pytest.raises(RuntimeError, match="TensorRT needs"):
+        gcp.prune_detector(fresh(), X, ratio=0.3, budget="latency", latency="tensorrt")
+
+
+# ------------------------------------------------------------------------------------- profiling
+
+
+def test_profile_breaks_the_time_down_per_node_and_op_type(tmp_path):
+    model = fresh(width=8)
+    gcp.export_onnx(model, X, tmp_path / "toy.onnx")
+    base = profile_onnxruntime(tmp_path / "toy.onnx", X.shape, runs=3, threads=1)
+    assert base["runs"] == 3 and base["total_ms"] > 0
+    assert any(op.startswith("Conv") for op in base["ops"])
+    assert sum(base["ops"].values()) == pytest.approx(sum(n["ms"] for n in base["nodes"].values()))
+    pruned = copy.deepcopy(base)
+    pruned["ops"] = {op: ms / 2 for op, ms in base["ops"].items()}
+    pruned["total_ms"] = base["total_ms"] / 2
+    rows = compare_profiles(base, pruned)
+    assert {r["op"] for r in rows} == set(base["ops"])
+    assert all(r["cut"] == pytest.approx(0.5) for r in rows)
+    assert sum(r["share_of_saving"] for r in rows) == pytest.approx(1.0)
