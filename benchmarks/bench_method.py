@@ -489,6 +489,15 @@ def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
         f"| dense, same extra epochs | {f(payload['dense_same_epochs_map50'])} | {f(r.get('dense_same_epochs', {}).get('map'))} | — | — | — |",
         f"| after stage 1 (sparse), {f(payload['sparse_fraction_below_1e-2'], '.1%')} of γ < 1e-2 | {f(payload['sparse_map50'])} | {f(r.get('sparse', {}).get('map'))} | — | — | — |",
     ]
+    for key, label in (
+        ("dense_e1", "dense, stage 1's epochs (tp_magnitude's start)"),
+        (
+            "tp_sparse",
+            "torch-pruning `regularize()` sparse learning, stage 1's epochs (tp_groupnorm's start)",
+        ),
+    ):
+        if key in r:
+            lines.append(f"| {label} | {f(r[key]['map50'])} | {f(r[key]['map'])} | — | — | — |")
     for method in METHODS:
         pruned = r.get(f"pruned_{method}")
         if pruned:
