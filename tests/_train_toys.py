@@ -46,6 +46,15 @@ def make_model(seed: int = 0) -> TinyDetector:
     return TinyDetector()
 
 
+def square_target(index: int, x0: int, y0: int) -> dict:
+    """The target of image ``index``: its 8x8 square at (x0, y0), class ``index % NUM_CLASSES``."""
+    return {
+        "boxes": torch.tensor([[x0, y0, x0 + 8, y0 + 8]], dtype=torch.float32),
+        "labels": torch.tensor([index % NUM_CLASSES]),
+        "image_id": index,
+    }
+
+
 class ToyDetection(Dataset):
     """One bright 8x8 square per image (its box the target), plus noise and a random horizontal flip."""
 
@@ -63,12 +72,7 @@ class ToyDetection(Dataset):
         if random.random() < 0.5:
             image = image.flip(-1)
             x0 = IMAGE_SIZE - 8 - x0
-        boxes = torch.tensor([[x0, y0, x0 + 8, y0 + 8]], dtype=torch.float32)
-        return image.clamp(0, 1), {
-            "boxes": boxes,
-            "labels": torch.tensor([index % NUM_CLASSES]),
-            "image_id": index,
-        }
+        return image.clamp(0, 1), square_target(index, x0, y0)
 
 
 def toy_loss(outputs: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
@@ -137,12 +141,7 @@ class FixedDetection(ToyDetection):
         x0, y0 = int(corner[0]), int(corner[1])
         image = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=noise) * 0.2
         image[:, y0 : y0 + 8, x0 : x0 + 8] += 0.7
-        boxes = torch.tensor([[x0, y0, x0 + 8, y0 + 8]], dtype=torch.float32)
-        return image.clamp(0, 1), {
-            "boxes": boxes,
-            "labels": torch.tensor([index % NUM_CLASSES]),
-            "image_id": index,
-        }
+        return image.clamp(0, 1), square_target(index, x0, y0)
 
 
 def toy_sum_loss(outputs: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
