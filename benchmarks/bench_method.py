@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_revision, machine, now, write_section  # noqa: E402
+from common import git_revision, machine, now, tp_prune, tp_pruner, write_section  # noqa: E402
 
 import gcp  # noqa: E402
 from distill import GroupAttentionDistiller  # noqa: E402
@@ -46,12 +45,11 @@ from gcp.data import VOCDataset, make_digit_scenes  # noqa: E402
 from gcp.evaluate import evaluate  # noqa: E402
 from gcp.io import atomic_write_json  # noqa: E402
 from gcp.pipeline import SHIPPED_SPARSE, SHIPPED_TEACHER, load_model, save_model, save_pruned_like  # noqa: E402
-from gcp.prune import PruneResult  # noqa: E402
 from gcp.report import count_macs_params  # noqa: E402
 from gcp.serialize import read_pruned  # noqa: E402
 from gcp.sparsity import SPARSE_BELOW  # noqa: E402
 from gcp.train import fit  # noqa: E402
-from grouping import prediction_layers, prunable_norms  # noqa: E402
+from grouping import prunable_norms  # noqa: E402
 
 SIZE = 256
 BATCH = 32
@@ -287,7 +285,9 @@ def prune_stage(bench: Bench) -> None:
             continue
         if not path.is_file():
             if method.startswith("tp_"):
-                result = tp_prune(load_model(bench.path(source)), bench.example, method, bench.args)
+                result = tp_prune(
+                    load_model(bench.path(source)), bench.example, method, bench.args.macs, bench.args.tp_reg
+                )
             else:
                 model = load_model(bench.path("sparse.pt"))
                 result = quiet(
@@ -379,50 +379,6 @@ def quiet(call: Callable[[], Any]) -> Any:
 def sparse_fraction(model: nn.Module) -> float:
     gammas = torch.cat([m.weight.detach().abs().flatten() for m in prunable_norms(model).values()])
     return float((gammas < SPARSE_BELOW).float().mean())
-
-
-def tp_pruner(model: nn.Module, example: torch.Tensor, method: str, reg: float, steps: int = 1) -> Any:
-    """torch-pruning's own recipe: GroupNormPruner (global, its group L2 norm) or MagnitudePruner (L2, its
-    defaults: the same ratio in every layer); prediction layers are ignored as for our methods."""
-    modules = dict(model.named_modules())
-    heads = [modules[name] for name in prediction_layers(model, example)]
-    importance = tp.importance.GroupMagnitudeImportance(p=2)
-    common = {
-        "importance": importance,
-        "ignored_layers": heads,
-        "iterative_steps": steps,
-        "pruning_ratio": 0.9,
-    }
-    if method == "tp_groupnorm":
-        return tp.pruner.GroupNormPruner(model, example, reg=reg, global_pruning=True, **common)
-    return tp.pruner.MagnitudePruner(model, example, **common)
-
-
-def tp_prune(model: nn.Module, example: torch.Tensor, method: str, args: argparse.Namespace) -> PruneResult:
-    """Step torch-pruning's pruner (0.25 % of channels a step) until ``args.macs`` of the MACs are gone."""
-    model.eval()
-    base_macs, base_params = count_macs_params(model, example)
-    pruner = tp_pruner(model, example, method, args.tp_reg, steps=360)
-    macs = base_macs
-    for _ in range(360):
-        if 1 - macs / base_macs >= args.macs:
-            break
-        pruner.step()
-        macs, params = count_macs_params(model, example)
-    macs, params = count_macs_params(model, example)
-    history = [
-        [name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in pruner.DG.pruning_history()
-    ]
-    report = {
-        "method": method,
-        "budget": "macs",
-        "requested": args.macs,
-        "achieved": 1 - macs / base_macs,
-        "params": {"before": base_params, "after": params, "pruned": 1 - params / base_params},
-        "macs": {"before": base_macs, "after": macs, "pruned": 1 - macs / base_macs},
-        "groups": [],
-    }
-    return PruneResult(model=model, report=report, history=history, input_shape=list(example.shape))
 
 
 def write_report(bench: Bench) -> None:

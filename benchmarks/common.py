@@ -7,9 +7,13 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from gcp.prune import PruneResult
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -63,3 +67,56 @@ def write_section(title: str, body: str) -> None:
         else text.rstrip() + "\n\n" + section
     )
     RESULTS.write_text(text, encoding="utf-8")
+
+
+def tp_pruner(model: nn.Module, example: torch.Tensor, method: str, reg: float, steps: int = 1) -> Any:
+    """torch-pruning's own recipe: GroupNormPruner (global, its group L2 norm) or MagnitudePruner (L2, its
+    defaults: the same ratio in every layer); prediction layers are ignored as for our methods."""
+    import torch_pruning as tp
+
+    from grouping import prediction_layers
+
+    modules = dict(model.named_modules())
+    heads = [modules[name] for name in prediction_layers(model, example)]
+    common = {
+        "importance": tp.importance.GroupMagnitudeImportance(p=2),
+        "ignored_layers": heads,
+        "iterative_steps": steps,
+        "pruning_ratio": 0.9,
+    }
+    if method == "tp_groupnorm":
+        return tp.pruner.GroupNormPruner(model, example, reg=reg, global_pruning=True, **common)
+    return tp.pruner.MagnitudePruner(model, example, **common)
+
+
+def tp_prune(
+    model: nn.Module, example: torch.Tensor, method: str, macs_cut: float, reg: float = 0.0
+) -> PruneResult:
+    """Step torch-pruning's pruner (its iterative steps, 0.25 % of channels each) until ``macs_cut`` of the
+    MACs are gone; the result carries torch-pruning's history, so gcp's weights-only format replays it."""
+    from gcp.prune import PruneResult
+    from gcp.report import count_macs_params
+
+    model.eval()
+    base_macs, base_params = count_macs_params(model, example)
+    pruner = tp_pruner(model, example, method, reg, steps=360)
+    macs = base_macs
+    for _ in range(360):
+        if 1 - macs / base_macs >= macs_cut:
+            break
+        pruner.step()
+        macs, _ = count_macs_params(model, example)
+    macs, params = count_macs_params(model, example)
+    history = [
+        [name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in pruner.DG.pruning_history()
+    ]
+    report = {
+        "method": method,
+        "budget": "macs",
+        "requested": macs_cut,
+        "achieved": 1 - macs / base_macs,
+        "params": {"before": base_params, "after": params, "pruned": 1 - params / base_params},
+        "macs": {"before": base_macs, "after": macs, "pruned": 1 - macs / base_macs},
+        "groups": [],
+    }
+    return PruneResult(model=model, report=report, history=history, input_shape=list(example.shape))
