@@ -40,7 +40,7 @@ train: {FIT}
 sparsity: {FIT}
 finetune: {FIT}
 distill: {FIT}
-prune: {{ratio: 0.2, calib_images: 4}}
+prune: {{ratio: 0.2, calib_images: 4, round_to: 1}}  # layers of 4-64 channels: too coarse for 8
 eval: {{batch_size: 4}}
 bench: {{runs: 1, warmup: 0}}
 """

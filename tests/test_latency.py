@@ -218,7 +218,7 @@ def test_a_runtime_whose_time_is_the_macs_prunes_exactly_like_the_macs_budget(tm
     by_latency = fresh(cls=cls)
     latency = prune(by_latency, FakeTimer(), tmp_path, ratio=0.35).report
     by_macs = fresh(cls=cls)
-    macs = gcp.prune_detector(by_macs, X, ratio=0.35, budget="macs").report
+    macs = gcp.prune_detector(by_macs, X, ratio=0.35, budget="macs", round_to=1).report  # FakeTimer.align
     assert latency["latency"]["pruned"] == pytest.approx(macs["macs"]["pruned"], abs=1e-9)
     assert channels(by_latency) == channels(by_macs)
 
@@ -249,6 +249,42 @@ def test_latency_budget_rounds_to_the_runtime_block_by_default(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- rounding (issue 14 item 2)
+
+
+HEADS = ("head8.1", "head16.1")  # prediction convs keep their outputs
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_every_budget_rounds_to_the_cpu_block_by_default_and_small_layers_stay_whole_quietly(
+    monkeypatch, block
+):
+    monkeypatch.setattr("gcp.prune.channel_block", lambda: block)
+    base = channels(fresh(width=8))  # an 8-channel stem: smaller than a block of 16
+    model = fresh(width=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = gcp.prune_detector(model, X, ratio=0.4, method="slim", budget="macs").report
+    assert not [
+        w for w in caught if "round_to=" in str(w.message)
+    ]  # the default names small layers in the report
+    left = report["round_to"]["left_whole"]
+    assert report["round_to"]["multiple"] == block and all(base[name] < block for name in left)
+    assert bool(left) == (block == 16)
+    for name, count in channels(model).items():
+        if name not in HEADS and base[name] >= block:
+            assert count % block == 0, (name, count)
+        elif name not in HEADS:
+            assert count == base[name], name  # left whole
+    unrounded = fresh(width=8)
+    plain = gcp.prune_detector(unrounded, X, ratio=0.4, method="slim", budget="macs", round_to=1).report
+    assert plain["round_to"] == {"multiple": 1, "left_whole": []}
+    assert any(count % 8 for name, count in channels(unrounded).items() if name not in HEADS)
+
+
+def test_a_model_smaller_than_the_default_block_is_pruned_unrounded(monkeypatch):
+    monkeypatch.setattr("gcp.prune.channel_block", lambda: 1024)  # larger than every layer of the toy
+    report = gcp.prune_detector(fresh(), X, ratio=0.3, budget="macs").report
+    assert report["round_to"] is None and report["achieved"] == pytest.approx(0.3, abs=0.02)
 
 
 def test_layers_too_small_to_round_are_left_whole_and_named():

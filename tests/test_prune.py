@@ -166,7 +166,9 @@ def test_removed_channels_offset_is_compensated(k2):
     with torch.no_grad():
         masked = model(x)[0]
     groups = {"first": ["first.1"], "second": ["second.1"]}
-    gcp.prune_detector(model, x, ratio={"first": 3 / 8, "second": 0.0}, allocator="explicit", groups=groups)
+    gcp.prune_detector(
+        model, x, ratio={"first": 3 / 8, "second": 0.0}, allocator="explicit", groups=groups, round_to=1
+    )
     assert model.first[0].out_channels == 5
     with torch.no_grad():
         pruned = model(x)[0]
@@ -322,7 +324,9 @@ def test_tied_gamma_of_a_fresh_model_still_meet_the_ratio_deterministically(meth
         model = yolov4(num_classes=3, width=0.125, depth=0.33)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # gcp: "no valley" for every group, by design here
-            result = gcp.prune_detector(model, torch.randn(1, 3, 128, 128), ratio=0.3, method=method)
+            result = gcp.prune_detector(
+                model, torch.randn(1, 3, 128, 128), ratio=0.3, method=method, round_to=1
+            )
         reports.append(result)
     assert reports[0].report["achieved"] == pytest.approx(0.3, abs=0.01)
     assert reports[0].history == reports[1].history
@@ -345,7 +349,7 @@ def test_depthwise_convs_count_in_the_params_and_macs_budgets(budget):
     model = randomise_bn(MobileToy())
     x = torch.randn(1, 3, 32, 32)
     before = dict(zip(("macs", "params"), count_macs_params(model, x)))
-    report = gcp.prune_detector(model, x, ratio=0.3, method="slim", budget=budget).report
+    report = gcp.prune_detector(model, x, ratio=0.3, method="slim", budget=budget, round_to=1).report
     after = dict(zip(("macs", "params"), count_macs_params(model, x)))
     for kind in ("macs", "params"):
         assert report[kind]["pruned"] == pytest.approx(1 - after[kind] / before[kind], abs=1e-9), kind
@@ -389,6 +393,7 @@ def prune_first_bn(model, x):
             allocator="explicit",
             groups={"first": ["first.1"]},
             ignored_layers=["up"],
+            round_to=1,
         )
     assert model.first[0].out_channels == 5 and model.up.in_channels == 5
     return [str(w.message) for w in caught]
@@ -455,7 +460,9 @@ def test_thinet_ranks_channels_a_transposed_conv_reads(out):
     x = torch.randn(2, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gcp.prune_detector(model, x, ratio=0.3, method="thinet", calib_data=[x], ignored_layers=["up"])
+        gcp.prune_detector(
+            model, x, ratio=0.3, method="thinet", calib_data=[x], ignored_layers=["up"], round_to=1
+        )
     assert model.up.in_channels < 8 and model.up.out_channels == out
     model(x)
 
@@ -516,7 +523,7 @@ def test_gamma_methods_rank_layers_without_batchnorm_by_filter_norm(method):
     with pytest.warns(
         UserWarning, match=r"2 layers without BatchNorm \(7\d\.\d% of params.*ranked by filter L1"
     ):
-        report = gcp.prune_detector(model, x, ratio=0.3, method=method, budget="params").report
+        report = gcp.prune_detector(model, x, ratio=0.3, method=method, budget="params", round_to=1).report
     # one BN channel of body.2 is 16 inputs of fc6 (1 % of the params): the budget moves in coarse steps here
     assert report["params"]["pruned"] == pytest.approx(0.3, abs=0.01)
     assert report["bn_free"]["layers"] == ["fc6", "fc7"] and report["bn_free"]["handling"] == "l1"
