@@ -116,15 +116,11 @@ class Bench:
 def stage_base(bench: Bench) -> None:
     """YOLOv8n trained from scratch (or the shipped asset) → trained.pt."""
     trained = bench.path("trained.pt")
-    if trained.is_file():
-        return
-    if ASSET.is_file() and not bench.args.retrain:
+    if not trained.is_file() and ASSET.is_file() and not bench.args.retrain:
         shutil.copyfile(ASSET, trained)
-        return
-    time_arg = (
-        f"model.train_args={{fliplr: 0.0, plots: false, amp: false, time: {bench.args.base_minutes / 60}}}"
-    )
-    bench.gcp("train", "--resume", "--set", time_arg)
+    elif not trained.is_file():
+        time_arg = f"model.train_args={{fliplr: 0.0, plots: false, amp: false, time: {bench.args.base_minutes / 60}}}"
+        bench.gcp("train", "--resume", "--set", time_arg)
     if not ASSET.is_file() and not bench.args.smoke:
         ASSET.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(trained, ASSET)

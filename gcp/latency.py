@@ -124,6 +124,9 @@ class LatencyTimer(Protocol):
 
     def time_model(self, network: nn.Module, images: torch.Tensor) -> float: ...
 
+    # Optional: ``time_models(networks, images) -> list[float]``, several networks timed run by run in turn
+    # (``budget="latency"``'s measured checks use it when present, else alternate ``time_model`` calls).
+
 
 # ------------------------------------------------------------------------------------------------ layer specs
 
@@ -563,7 +566,8 @@ class _RuntimeTimer:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.runs, self.warmup, self.model_runs = runs, warmup, model_runs
 
-    def _runner(self, data: bytes, shape: tuple[int, ...]) -> Any:
+    def _runner(self, data: bytes, shape: tuple[int, ...], spinning: bool = True) -> Any:
+        """One run of the ONNX model; ``spinning=False`` where sessions take turns on the same cores."""
         raise NotImplementedError
 
     def _median_ms(self, data: bytes, shape: tuple[int, ...], runs: int) -> float:
@@ -582,6 +586,19 @@ class _RuntimeTimer:
     def time_model(self, network: nn.Module, images: torch.Tensor) -> float:
         """Median ms of the whole network on ``images``' shape (see :func:`network_onnx`)."""
         return self._median_ms(network_onnx(network, images), tuple(images.shape), self.model_runs)
+
+    def time_models(self, networks: Sequence[nn.Module], images: torch.Tensor) -> list[float]:
+        """Median ms of each network, timed one run of each in turn (``model_runs`` rounds), so that a drift of
+        the machine's speed hits all of them alike: sequential blocks of runs measured the same pair of networks
+        up to 5 points of cut apart here (docs/design.md, "Latency")."""
+        from .export import _time_round_robin
+
+        shape = tuple(images.shape)
+        runners = {
+            str(i): self._runner(network_onnx(n, images), shape, False) for i, n in enumerate(networks)
+        }
+        times = _time_round_robin(runners, self.model_runs, self.warmup)
+        return [float(statistics.median(times[str(i)])) for i in range(len(networks))]
 
 
 class OnnxRuntimeTimer(_RuntimeTimer):
@@ -614,10 +631,10 @@ class OnnxRuntimeTimer(_RuntimeTimer):
             "align": self.align,
         }
 
-    def _runner(self, data: bytes, shape: tuple[int, ...]) -> Any:
+    def _runner(self, data: bytes, shape: tuple[int, ...], spinning: bool = True) -> Any:
         from .export import _onnxruntime_runner
 
-        return _onnxruntime_runner(data, shape, self.threads)[0]
+        return _onnxruntime_runner(data, shape, self.threads, spinning=spinning)[0]
 
 
 class TensorRTTimer(_RuntimeTimer):
@@ -644,7 +661,7 @@ class TensorRTTimer(_RuntimeTimer):
             "align": self.align,
         }
 
-    def _runner(self, data: bytes, shape: tuple[int, ...]) -> Any:
+    def _runner(self, data: bytes, shape: tuple[int, ...], spinning: bool = True) -> Any:
         from .export import _tensorrt_runner, build_tensorrt_engine
 
         with tempfile.TemporaryDirectory() as folder:

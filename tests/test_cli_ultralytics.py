@@ -58,10 +58,17 @@ def gcp(config: Path, run_dir: Path, *args: str) -> int:
 
 @pytest.fixture(scope="module")
 def run(config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One run directory taken through sparse-train, prune and distill, shared by the tests below."""
-    run_dir = tmp_path_factory.mktemp("runs") / "yolo"
-    for command in ("sparse-train", "prune", "distill"):
-        assert gcp(config, run_dir, command) == 0, command
+    """One run directory taken through sparse-train, prune and distill, shared by the tests below; given as a
+    relative --run-dir, as the README's commands do (Ultralytics puts a relative project under its own runs
+    folder, so the run's training files must still land inside the run directory)."""
+    parent = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(parent)
+        for command in ("sparse-train", "prune", "distill"):
+            assert gcp(config, Path("yolo"), command) == 0, command
+    run_dir = parent / "yolo"
+    for stage in ("sparse", "distill_gcp"):
+        assert (run_dir / "fits" / stage / "weights" / "last.pt").is_file(), stage
     return run_dir
 
 

@@ -19,6 +19,7 @@ import gcp
 from gcp.graph import build_graph
 from gcp.latency import (
     ACTIVATIONS,
+    FORMAT,
     ConvSpec,
     LayerTimes,
     OnnxRuntimeTimer,
@@ -30,6 +31,7 @@ from gcp.latency import (
     profile_onnxruntime,
     table_key,
 )
+from gcp.prune import _final_share
 from gcp.report import count_macs_params
 from grouping.trace import run_forward
 
@@ -73,7 +75,9 @@ class FakeTimer:
 
 
 def prune(model, timer, cache, **kw):
+    """budget="latency" on the table alone (no measured checks), unless the test asks for them."""
     kw.setdefault("ratio", 0.3)
+    kw.setdefault("latency_checks", 0)
     return gcp.prune_detector(model, X, budget="latency", latency=timer, latency_cache=cache, **kw)
 
 
@@ -180,16 +184,14 @@ def test_the_cache_folder_comes_from_gcp_cache_dir_and_a_damaged_file_is_measure
     tmp_path, monkeypatch
 ):
     monkeypatch.setenv("GCP_CACHE_DIR", str(tmp_path))
-    gcp.prune_detector(fresh(), X, ratio=0.3, budget="latency", latency=FakeTimer())
+    gcp.prune_detector(fresh(), X, ratio=0.3, budget="latency", latency=FakeTimer(), latency_checks=0)
     (path,) = (tmp_path / "latency").glob("*.json")
     stored = json.loads(path.read_text())
-    assert (
-        stored["format"] == "gcp.latency/1" and stored["model_ms"] > 0 and stored["info"]["runtime"] == "fake"
-    )
+    assert stored["format"] == FORMAT and stored["model_ms"] > 0 and stored["info"]["runtime"] == "fake"
     path.write_text("{ not json")
     timer = FakeTimer()
     with pytest.warns(UserWarning, match="ignoring latency cache"):
-        gcp.prune_detector(fresh(), X, ratio=0.3, budget="latency", latency=timer)
+        gcp.prune_detector(fresh(), X, ratio=0.3, budget="latency", latency=timer, latency_checks=0)
     assert timer.model_calls == 1 and json.loads(path.read_text())["key"] == stored["key"]
 
 
@@ -202,7 +204,14 @@ def test_a_tiny_table_on_onnxruntime_is_measured_and_reused(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one prunable layer of 16 channels in blocks of 8: ratio approximate
         result = gcp.prune_detector(
-            model, x, ratio=0.2, method="l1", budget="latency", latency=timer, latency_cache=tmp_path
+            model,
+            x,
+            ratio=0.2,
+            method="l1",
+            budget="latency",
+            latency=timer,
+            latency_cache=tmp_path,
+            latency_checks=0,
         )
     report = result.report["latency"]
     assert report["runtime"] == "onnxruntime" and report["threads"] == 1 and report["measured_ms"] > 0
@@ -246,6 +255,58 @@ def test_latency_budget_rounds_to_the_runtime_block_by_default(tmp_path):
     for name, count in channels(model).items():
         if name not in ("head8.1", "head16.1"):
             assert count % 8 == 0, (name, count)
+
+
+class ScaledRemainderTimer(FakeTimer):
+    """A runtime whose whole network takes 1.3 × its convs' time: the ops between convs shrink with the
+    channels too, which a table holding the remainder fixed does not see (it predicts a 1.3× smaller cut)."""
+
+    def time_model(self, network, images):
+        return 1.3 * super().time_model(network, images)
+
+
+@pytest.mark.parametrize("method", ["gcp", "l1"])
+def test_measured_checks_bring_the_latency_cut_to_the_request_where_the_table_is_biased(tmp_path, method):
+    timer, target = ScaledRemainderTimer(), 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table_only = prune(fresh(), timer, tmp_path, ratio=target, method=method)
+        checked = prune(fresh(), timer, tmp_path, ratio=target, method=method, latency_checks=2)
+    base = timer.time_model(fresh().eval(), X)
+
+    def measured(result):
+        return 1 - timer.time_model(result.model.eval(), X) / base
+
+    assert measured(table_only) > 1.15 * target  # the table alone overshoots
+    report = checked.report
+    assert report["requested"] == target and 1 <= len(report["latency"]["checks"]) <= 2
+    assert abs(measured(checked) - target) <= 0.05 * target
+    assert abs(report["latency"]["expected_cut"] - measured(checked)) <= 0.05 * target
+    assert report["latency"]["checks"][0]["share"] == target
+
+
+def test_the_final_share_interpolates_between_trials_that_bracket_the_request():
+    trials = [{"share": 0.3, "measured_cut": 0.23}, {"share": 0.39, "measured_cut": 0.37}]
+    share, expected = _final_share(trials, 0.3)
+    assert share == pytest.approx(0.345) and expected == 0.3
+    # no bracket: the closest trial, with its measurement
+    assert _final_share([{"share": 0.3, "measured_cut": 0.2}, {"share": 0.4, "measured_cut": 0.26}], 0.3) == (
+        0.4,
+        0.26,
+    )
+
+
+def test_onnxruntime_times_several_networks_in_turn():
+    small = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    large = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    timer = OnnxRuntimeTimer(threads=1, warmup=1, model_runs=5)
+    times = timer.time_models([small, large], torch.randn(1, 3, 32, 32))
+    assert len(times) == 2 and 0 < times[0] < times[1]
+
+
+def test_latency_checks_must_be_a_count():
+    with pytest.raises(ValueError, match="latency_checks must be an integer >= 0"):
+        gcp.prune_detector(fresh(), X, ratio=0.3, budget="latency", latency=FakeTimer(), latency_checks=-1)
 
 
 # ------------------------------------------------------------------------------------- rounding (issue 14 item 2)

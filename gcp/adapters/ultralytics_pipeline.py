@@ -202,7 +202,8 @@ class UltralyticsFamily(ModelFamily):
             "momentum": settings.momentum,
             "weight_decay": settings.weight_decay,
             "warmup_epochs": settings.warmup_epochs,
-            "project": str(out_dir.parent),
+            # absolute: Ultralytics puts a relative project under its own runs folder, not the run directory
+            "project": str(out_dir.parent.resolve()),
             "name": out_dir.name,
             "exist_ok": True,
             "resume": str(last) if resume else False,
@@ -242,7 +243,7 @@ class UltralyticsFamily(ModelFamily):
             device=device_argument(ctx.device),
             plots=False,
             verbose=False,
-            project=str(ctx.run.path / "fits"),
+            project=str((ctx.run.path / "fits").resolve()),
             name=f"val_{path.stem}",
             exist_ok=True,
         )
