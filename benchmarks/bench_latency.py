@@ -208,8 +208,9 @@ def _pct(value: float | None) -> str:
 def section(results: dict[str, Any], command: str, wall_s: float) -> str:
     """The RESULTS.md section: every row, the two targets' verdicts and where the time was saved."""
     lines = [
-        f"Command: `{command}` — {now()}, commit {results['commit']}, {results['machine']}. Wall time of this "
-        f"invocation {wall_s:.0f} s. Base and pruned exported to ONNX and timed alternately in one process "
+        f"Last command: `{command}` — {now()}, commit {results['commit']}, {results['machine']}. Wall time of "
+        f"this invocation {wall_s:.0f} s. Rows measured by earlier invocations on this machine are kept (each "
+        "row's commit, load and runs are in `benchmarks/results/latency.json`). Base and pruned exported to ONNX and timed alternately in one process "
         "(ONNX Runtime CPU, batch 1, non-spinning threads), medians; `load` is the 1-minute load average before "
         "the row (timings under load are not reliable). MACs and latency cuts are of the timed network (no NMS).",
         "",

@@ -221,7 +221,8 @@ def section(payload: dict[str, Any], bench: Bench) -> str:
     """The RESULTS.md text: how it was run, the table, the two targets' verdicts."""
     s = payload["settings"]
     lines = [
-        f"Command: `YOLO_OFFLINE=1 python benchmarks/bench_ultralytics.py` — seed {payload['seed']}, {now()}, "
+        f"Command: `YOLO_OFFLINE=1 python benchmarks/bench_ultralytics.py --run-dir {bench.args.run_dir} "
+        f"--epochs-sparse {s['epochs_sparse']} --epochs-recover {s['epochs_recover']}` — seed {payload['seed']}, {now()}, "
         f"commit {payload['commit']}, {payload['machine']}; stage wall times (min): "
         + ", ".join(f"{k} {v:.1f}" for k, v in payload["stage_minutes"].items())
         + f"; total {payload['minutes']:.0f} min. Base: YOLOv8n from `yolov8n.yaml`, {s['base_minutes']:g} min "
