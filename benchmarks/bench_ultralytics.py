@@ -258,6 +258,16 @@ def section(payload: dict[str, Any], bench: Bench) -> str:
             f"- gcp+GSA ≥ torch-pruning L2 + FT + 0.03: {gsa['map50']:.3f} vs {tp_ft['map50'] + 0.03:.3f}: "
             f"{_verdict(gsa['map50'] >= tp_ft['map50'] + 0.03)}"
         )
+    sparse = payload.get("sparse_map50")
+    if sparse is not None and sparse > payload["base_map50"]:
+        lines += [
+            "",
+            f"Read with care: stage 1 alone ({s['epochs_sparse']} more epochs) took the unpruned model from "
+            f"{payload['base_map50']:.3f} to {sparse:.3f}, so the base is under-trained and the comparison with "
+            "it is helped by training time; the torch-pruning row starts from the base, as its recipe does, and "
+            f"so had {s['epochs_sparse']} epochs less training in all than gcp (stage 1 + recovery). No dense "
+            "control at equal epochs was run for this model.",
+        ]
     return "\n".join(lines)
 
 
