@@ -589,8 +589,7 @@ class _RuntimeTimer:
 
     def time_models(self, networks: Sequence[nn.Module], images: torch.Tensor) -> list[float]:
         """Median ms of each network, timed one run of each in turn (``model_runs`` rounds), so that a drift of
-        the machine's speed hits all of them alike: sequential blocks of runs measured the same pair of networks
-        up to 5 points of cut apart here (docs/design.md, "Latency")."""
+        the machine's speed hits all of them alike (docs/design.md, "Latency", noise)."""
         from .export import _time_round_robin
 
         shape = tuple(images.shape)

@@ -905,8 +905,8 @@ def _prune_to_measured_latency(
     """``budget="latency"`` with the table's prediction corrected by measurement.
 
     The table sums layers timed alone plus a fixed remainder; in the whole network the cut it predicts was off
-    by 8–14 % of the request (docs/design.md, "Latency": layout reorders and the other ops between convs shrink
-    with the channels too). So a copy is pruned at the share asked of the table, timed against the base
+    by 8–14 % of the request in a run without checks (docs/design.md, "Latency": layout reorders and the other
+    ops between convs shrink with the channels too). So a copy is pruned at the share asked of the table, timed against the base
     (:func:`_measured_cut`), and the share is scaled by target / measured, up to ``checks`` times or until a
     measured cut is within :data:`LATENCY_TOLERANCE` of ``target``; ``model`` is then pruned at the share
     :func:`_final_share` picks from the trials. The report keeps the request, the trials and the cut expected
