@@ -73,6 +73,7 @@ COUPLINGS = ("vote", "mean", "max")
 BN_FREE = ("l1", "keep")  # gcp.prune.BN_FREE (config stays importable without torch)
 SCHEDULES = ("dynamic", "constant")
 SPARSITY_MECHANISMS = ("layer_relative", "eq3")  # gcp.sparsity.MECHANISMS
+DEFAULT_PUSH_FLOOR = 0.3  # gcp.sparsity.DEFAULT_PUSH_FLOOR
 ATTENTION_DISTANCES = ("squared", "mean_squared", "norm")  # distill.losses.ATTENTION_DISTANCES
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_SPLITS = ("train", "val", "test")
@@ -205,13 +206,15 @@ class SparsityConfig(FitConfig):
     ``constant`` is Network Slimming's fixed rate. ``mechanism`` is ``layer_relative`` (γ trained by the hook
     with its own ``gamma_lr``; works under AdamW) or ``eq3`` (the paper's literal subgradient, for SGD); ``s``
     null takes the mechanism's default (1.0 relative, 7.5e-4 for eq3), see ``gcp.DynamicSparsity``;
-    ``follow_schedule`` scales ``gamma_lr`` by the run's warm-up/cosine lr schedule."""
+    ``follow_schedule`` scales ``gamma_lr`` by the run's warm-up/cosine lr schedule; ``push_floor`` is the
+    share of s every channel gets under ``layer_relative`` (so channels silenced downstream still go)."""
 
     schedule: str = option("dynamic", choices=SCHEDULES)
     mechanism: str = option("layer_relative", choices=SPARSITY_MECHANISMS)
     s: float | None = option(None, minimum=0.0)
     gamma_lr: float = option(0.02, minimum=0.0, exclusive_minimum=True)
     follow_schedule: bool = False
+    push_floor: float = option(DEFAULT_PUSH_FLOOR, minimum=0.0, maximum=1.0)
     switch_at: float = option(0.5, minimum=0.0, maximum=1.0)
     protect: float = option(0.3, minimum=0.0, maximum=1.0)
     decay: float = option(0.01, minimum=0.0, maximum=1.0)

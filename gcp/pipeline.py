@@ -651,6 +651,7 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
             mechanism=settings.mechanism,
             lr=settings.gamma_lr,
             follow_schedule=settings.follow_schedule,
+            push_floor=settings.push_floor,
         )
         ctx.family.fit(ctx, model, settings, "sparse", run.sparse, hooks=[hook])
         hook.save_history(run.sparsity_history)

@@ -21,9 +21,12 @@ Two mechanisms apply that schedule (``docs/design.md``, "Sparse training", has t
      whose gradients are 1000× smaller;
   2. the L1 term is made scale-invariant by measuring each |γ_i| against its layer's contrast point
      c = mean γ² / mean|γ| (Hoyer's ‖γ‖₁/‖γ‖₂ has its zero-gradient point there): channel i is pushed
-     towards zero at the rate s_i·max(0, 1 − |γ_i| / c). A layer of equal γ gets no push at all, however
-     large or small, and the channels furthest below their layer's contrast point get the full rate;
-     nothing is pushed up (growing γ would change what the Mish layers compute);
+     towards zero at the rate s_i·max(f, 1 − |γ_i| / c). The channels furthest below their layer's contrast
+     point get the full rate; nothing is pushed up (growing γ would change what the Mish layers compute);
+     every channel gets at least the floor share f (``push_floor``) of its rate: a trained network silences
+     a useless channel through its consumers' weights, its γ then gets no data gradient, and without a floor
+     a silenced channel above its layer's contrast point would never be pushed. A channel that carries
+     signal holds against f·s through its data gradient (in units of the layer's gradient RMS);
   3. the sign part is applied as a soft threshold (proximal L1), so unneeded channels reach exactly 0.
 """
 
@@ -47,6 +50,8 @@ MECHANISMS = ("layer_relative", "eq3")
 #: Default s per mechanism: the paper's 7.5e-4 for eq. 3; for ``layer_relative`` s is relative to each layer's
 #: gradient RMS (1.0 with lr 0.02 is what ``benchmarks/bench_method.py`` runs; ``docs/design.md`` has the probes).
 DEFAULT_S = {"eq3": 7.5e-4, "layer_relative": 1.0}
+#: Share of s every channel gets under ``layer_relative`` (module docstring, 2); measured in ``docs/design.md``.
+DEFAULT_PUSH_FLOOR = 0.3
 BETAS = (0.9, 0.99)  # data-gradient momentum and the per-layer gradient-RMS average (layer_relative)
 
 
@@ -82,6 +87,7 @@ class DynamicSparsity:
         mechanism: str = "layer_relative",
         lr: float = 0.02,
         follow_schedule: bool = False,
+        push_floor: float = DEFAULT_PUSH_FLOOR,
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown sparsity mechanism {mechanism!r}; choose from {MECHANISMS}")
@@ -96,6 +102,8 @@ class DynamicSparsity:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         if not lr > 0:
             raise ValueError(f"lr (γ's own learning rate) must be > 0, got {lr}")
+        if not 0.0 <= push_floor <= 1.0:
+            raise ValueError(f"push_floor must be in [0, 1], got {push_floor}")
         norms = prunable_norms(model)
         if layers is not None:
             wanted = list(layers)
@@ -113,6 +121,7 @@ class DynamicSparsity:
         self.mechanism = mechanism
         self.lr = lr
         self.follow_schedule = follow_schedule
+        self.push_floor = push_floor
         self._lr_scale = 1.0
         self.groups = list(groups) if groups is not None else [Group("all", list(norms), 0, "all")]
         self.history: list[dict[str, Any]] = []
@@ -199,9 +208,9 @@ class DynamicSparsity:
         rate = rate.to(gamma.device, gamma.dtype)
         square = float(gamma.pow(2).mean())
         contrast = float(gamma.abs().mean()) / square if square > 0 else 0.0
-        # push_i = s·(1 − |γ_i|·contrast), clipped at 0: channels below the layer's contrast point are shrunk,
-        # harder the further below; none is pushed up (growth would change Mish layers' function)
-        push = rate * torch.clamp(1.0 - gamma.abs() * contrast, min=0.0)
+        # push_i = s·max(f, 1 − |γ_i|·contrast): channels below the layer's contrast point are shrunk harder the
+        # further below, every channel at least at f·s; none is pushed up (growth would change Mish layers)
+        push = rate * torch.clamp(1.0 - gamma.abs() * contrast, min=self.push_floor)
         lr = self.lr * self._lr_scale
         z = gamma - lr * data_step
         shrunk = torch.sign(z) * torch.clamp(z.abs() - lr * push, min=0.0)  # proximal: exact zeros

@@ -110,29 +110,60 @@ class SignalAndNoise(nn.Module):
         return self.out(torch.relu(self.bn(h)))
 
 
-def train_signal_and_noise(mechanism, steps=300, s=None):
+def train_signal_and_noise(
+    mechanism, steps=300, s=None, optimizer="adamw", bf16=False, dense_steps=0, **sparsity_options
+):
+    """``dense_steps`` of plain training first (stage 1 starts from a trained teacher), then ``steps`` with the
+    penalty; returns |γ| and the last loss."""
     torch.manual_seed(0)
     target_conv, target_out = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
     model = SignalAndNoise()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sparsity = DynamicSparsity(model, s=s, switch_at=0.5, mechanism=mechanism, lr=0.01)
-    for step in range(steps):
+    if optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:  # the paper's recipe (§5.2): SGD with momentum
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    sparsity = DynamicSparsity(model, s=s, switch_at=0.5, mechanism=mechanism, lr=0.01, **sparsity_options)
+    for step in range(dense_steps + steps):
         x = torch.randn(16, 8, 8, 8)
         with torch.no_grad():
             y = target_out(torch.relu(target_conv(x[:, :4])))
-        loss = ((model(x) - y) ** 2).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        loss = ((out.float() - y) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
-        sparsity.after_backward(step * 10 // steps, 10)
+        if step >= dense_steps:
+            sparsity.after_backward((step - dense_steps) * 10 // steps, 10)
         optimizer.step()
     return model.bn.weight.detach().abs(), loss.item()
 
 
-def test_layer_relative_sparsity_zeroes_channels_without_signal_under_adamw():
-    gamma, loss = train_signal_and_noise("layer_relative")
+@pytest.mark.parametrize(
+    "optimizer, bf16, dense_steps",
+    [("adamw", False, 0), ("adamw", True, 0), ("adamw", False, 300), ("sgd", False, 300)],
+    ids=["adamw", "adamw-bf16-autocast", "adamw-from-trained", "sgd-from-trained"],
+)
+def test_layer_relative_sparsity_zeroes_channels_without_signal(optimizer, bf16, dense_steps):
+    """The project's recipe (AdamW, bf16 autocast) and the paper's (SGD, from a trained model as in stage 1):
+    γ is stepped by the hook, so the optimiser and the autocast dtype do not change which channels go."""
+    gamma, loss = train_signal_and_noise(
+        "layer_relative", optimizer=optimizer, bf16=bf16, dense_steps=dense_steps
+    )
     assert (gamma[8:] < 1e-2).all(), gamma  # every channel fed by ignored inputs is driven to (exactly) zero
     assert int((gamma[:8] > 0.1).sum()) >= 6, gamma  # the channels the target needs stay
     assert loss < 0.02
+
+
+def test_without_the_push_floor_channels_silenced_by_training_survive():
+    """Why ``push_floor`` exists: dense training silences the ignored channels through the 1×1 conv after
+    them, their γ get no data gradient, and above their layer's contrast point nothing else moves them."""
+    gamma, _ = train_signal_and_noise("layer_relative", dense_steps=300, push_floor=0.0)
+    assert (gamma[8:] > 0.1).any(), gamma
+
+
+def test_push_floor_is_checked():
+    with pytest.raises(ValueError, match="push_floor"):
+        DynamicSparsity(two_bn_model(), push_floor=1.5)
 
 
 def test_eq3_under_adamw_leaves_gamma_dense():
