@@ -303,6 +303,8 @@ def main() -> None:
         for setting in todo:
             row, profile = measure_row(name, side, base, setting, args, cache)
             results["rows"].append(row)
+            # a re-measured row (its old row deleted from the file) replaces its old profile too
+            results["profiles"] = [p for p in results["profiles"] if p["key"] != profile["key"]]
             results["profiles"].append(profile)
             results.update(commit=git_revision(), machine=here)
             atomic_write_json(out, results)

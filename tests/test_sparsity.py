@@ -139,15 +139,25 @@ def train_signal_and_noise(
 
 
 @pytest.mark.parametrize(
-    "optimizer, bf16, dense_steps",
-    [("adamw", False, 0), ("adamw", True, 0), ("adamw", False, 300), ("sgd", False, 300)],
+    "optimizer, bf16, dense_steps, push_floor",
+    [
+        ("adamw", False, 0, 0.0),
+        ("adamw", True, 0, 0.0),
+        ("adamw", False, 300, 0.3),
+        ("sgd", False, 300, 0.3),
+    ],
     ids=["adamw", "adamw-bf16-autocast", "adamw-from-trained", "sgd-from-trained"],
 )
-def test_layer_relative_sparsity_zeroes_channels_without_signal(optimizer, bf16, dense_steps):
-    """The project's recipe (AdamW, bf16 autocast) and the paper's (SGD, from a trained model as in stage 1):
-    γ is stepped by the hook, so the optimiser and the autocast dtype do not change which channels go."""
+def test_layer_relative_sparsity_zeroes_channels_without_signal(optimizer, bf16, dense_steps, push_floor):
+    """The project's recipe (AdamW, bf16 autocast) and the paper's (SGD, from a trained model as in stage 1,
+    where channels silenced downstream need the push floor): γ is stepped by the hook, so the optimiser and
+    the autocast dtype do not change which channels go."""
     gamma, loss = train_signal_and_noise(
-        "layer_relative", optimizer=optimizer, bf16=bf16, dense_steps=dense_steps
+        "layer_relative",
+        optimizer=optimizer,
+        bf16=bf16,
+        dense_steps=dense_steps,
+        push_floor=push_floor,
     )
     assert (gamma[8:] < 1e-2).all(), gamma  # every channel fed by ignored inputs is driven to (exactly) zero
     assert int((gamma[:8] > 0.1).sum()) >= 6, gamma  # the channels the target needs stay
