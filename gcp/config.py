@@ -207,7 +207,8 @@ class SparsityConfig(FitConfig):
     with its own ``gamma_lr``; works under AdamW) or ``eq3`` (the paper's literal subgradient, for SGD); ``s``
     null takes the mechanism's default (1.0 relative, 7.5e-4 for eq3), see ``gcp.DynamicSparsity``;
     ``follow_schedule`` scales ``gamma_lr`` by the run's warm-up/cosine lr schedule; ``push_floor`` is the
-    share of s every channel gets under ``layer_relative`` (so channels silenced downstream still go)."""
+    share of s every channel gets under ``layer_relative`` (so channels silenced downstream still go; off by
+    default: 0.3 destroyed the DigitScenes detector in the benchmark's stage 1, docs/design.md)."""
 
     schedule: str = option("dynamic", choices=SCHEDULES)
     mechanism: str = option("layer_relative", choices=SPARSITY_MECHANISMS)
