@@ -72,8 +72,10 @@ BUDGETS = ("channels", "params", "macs", "latency")
 COUPLINGS = ("vote", "mean", "max")
 BN_FREE = ("l1", "keep")  # gcp.prune.BN_FREE (config stays importable without torch)
 SCHEDULES = ("dynamic", "constant")
-SPARSITY_MECHANISMS = ("layer_relative", "eq3")  # gcp.sparsity.MECHANISMS
+SPARSITY_MECHANISMS = ("layer_relative", "eq3", "selective")  # gcp.sparsity.MECHANISMS
 DEFAULT_PUSH_FLOOR = 0.0  # gcp.sparsity.DEFAULT_PUSH_FLOOR
+DEFAULT_TARGET = 0.45  # gcp.sparsity.DEFAULT_TARGET
+DEFAULT_SCORE_SHARE = 0.1  # gcp.sparsity.DEFAULT_SCORE_SHARE
 ATTENTION_DISTANCES = ("squared", "mean_squared", "norm")  # distill.losses.ATTENTION_DISTANCES
 OPTIMIZERS = ("sgd", "adamw")
 EVAL_SPLITS = ("train", "val", "test")
@@ -208,7 +210,10 @@ class SparsityConfig(FitConfig):
     null takes the mechanism's default (1.0 relative, 7.5e-4 for eq3), see ``gcp.DynamicSparsity``;
     ``follow_schedule`` scales ``gamma_lr`` by the run's warm-up/cosine lr schedule; ``push_floor`` is the
     share of s every channel gets under ``layer_relative`` (so channels silenced downstream still go; off by
-    default: 0.3 destroyed the DigitScenes detector in the benchmark's stage 1, docs/design.md)."""
+    default: 0.3 destroyed the DigitScenes detector in the benchmark's stage 1, docs/design.md).
+    ``selective`` scores each channel's Taylor importance for the first ``score_share`` of the steps, then
+    ramps the least important channels to zero by ``switch_at`` until they hold ``target`` of the MACs
+    (``target_of: macs``, importance per MAC) or of the channels (``channels``); ``s`` must stay null."""
 
     schedule: str = option("dynamic", choices=SCHEDULES)
     mechanism: str = option("layer_relative", choices=SPARSITY_MECHANISMS)
@@ -216,6 +221,9 @@ class SparsityConfig(FitConfig):
     gamma_lr: float = option(0.02, minimum=0.0, exclusive_minimum=True)
     follow_schedule: bool = False
     push_floor: float = option(DEFAULT_PUSH_FLOOR, minimum=0.0, maximum=1.0)
+    target: float = option(DEFAULT_TARGET, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    score_share: float = option(DEFAULT_SCORE_SHARE, minimum=0.0, maximum=1.0)
+    target_of: str = option("macs", choices=("macs", "channels"))
     switch_at: float = option(0.5, minimum=0.0, maximum=1.0)
     protect: float = option(0.3, minimum=0.0, maximum=1.0)
     decay: float = option(0.01, minimum=0.0, maximum=1.0)

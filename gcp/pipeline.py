@@ -630,6 +630,7 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
     ``sparsity_history.json``. ``sparsity.schedule: constant`` is Network Slimming's fixed rate."""
     from grouping import partition
 
+    from .prune import channel_costs
     from .sparsity import DynamicSparsity
 
     run = ctx.run
@@ -641,6 +642,7 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
         prepare_data(ctx.config)
         settings = ctx.config.sparsity
         model = ctx.family.load(source)
+        by_macs = settings.mechanism == "selective" and settings.target_of == "macs"
         hook = DynamicSparsity(
             model,
             s=settings.s,
@@ -652,6 +654,9 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
             lr=settings.gamma_lr,
             follow_schedule=settings.follow_schedule,
             push_floor=settings.push_floor,
+            target=settings.target,
+            score_share=settings.score_share,
+            costs=channel_costs(model, ctx.example_inputs) if by_macs else None,
         )
         ctx.family.fit(ctx, model, settings, "sparse", run.sparse, hooks=[hook])
         hook.save_history(run.sparsity_history)

@@ -1100,6 +1100,47 @@ def prune_detector(
     )
 
 
+def channel_costs(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    output_transform: Callable[[Any], Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Share of the model's MACs that each channel of each affine BatchNorm takes with it when it is removed.
+
+    A channel's removal shrinks the conv that produces it (by 1/out of that conv's MACs) and every conv that
+    reads it (by 1/in of theirs), found through torch-pruning's coupling as :func:`prune_detector` finds them;
+    when residual adds couple several BatchNorms into one unit, each carries an equal part of the unit's cost.
+    Prediction layers keep their outputs, as in pruning. ``gcp.DynamicSparsity(costs=...)`` uses this to
+    choose, in stage 1, the channels that cost least accuracy per MAC removed. The model is left as given
+    (traced in eval mode, so BatchNorm statistics do not move).
+    """
+    norms = prunable_norms(model)
+    was_training = model.training
+    model.eval()
+    try:
+        traced = _trace(model, example_inputs, forward_fn, output_transform, norms, None)
+    finally:
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    units = _units(model, traced.graph, [modules[p] for p in traced.seen.predictions])
+    total = max(sum(traced.seen.macs.values()), 1.0)
+    names = {m: n for n, m in norms.items()}
+    costs = {name: torch.zeros(norm.num_features) for name, norm in norms.items()}
+    for unit in units:
+        per_root = torch.zeros(unit.size)
+        for members, channels in ((unit.outs, out_channels), (unit.ins, _in_channels)):
+            for m in members:
+                macs = float(traced.seen.macs.get(m.module) or 0.0)
+                per_root.index_add_(
+                    0, m.root, torch.full((m.root.numel(),), macs / max(channels(m.module), 1))
+                )
+        for m in unit.norms:
+            if m.module in names:
+                costs[names[m.module]][m.local] += per_root[m.root] / total / len(unit.norms)
+    return costs
+
+
 def _layer_channels(model: nn.Module) -> dict[str, int]:
     """Output channels of every conv, linear and BatchNorm layer, by name."""
     return {

@@ -28,12 +28,26 @@ Two mechanisms apply that schedule (``docs/design.md``, "Sparse training", has t
      channel above its layer's contrast point is never pushed. A channel that carries signal must then hold
      against f·s through its data gradient, which a detector's noisy per-channel gradients do not at s = 1;
   3. the sign part is applied as a soft threshold (proximal L1), so unneeded channels reach exactly 0.
+
+* ``"selective"``: the paper's dynamic schedule taken to its end point, with the channels chosen by the loss
+  rather than by |γ|. A penalty on every γ lets a detector's noisy per-channel gradients decide which channels
+  fall, and which go is then mostly where their |γ| happened to start (``docs/design.md`` measured it); here the
+  first ``score_share`` of the steps only measure each channel's squared first-order Taylor importance
+  (γ·∂L/∂γ)² (Molchanov et al. 2019), averaged over the batches: an estimate of the loss change from zeroing
+  it, in the loss's units, so it compares across layers. The ``target`` share of all channels with the lowest
+  importance (with ``costs``, e.g. :func:`gcp.prune.channel_costs`: the lowest importance per MAC, until the
+  chosen hold ``target`` of the MACs), at most ``max_layer_share`` of any layer, is then driven to exactly
+  zero along a linear ramp that ends at ``switch_at`` of the run, the optimiser's update of those γ withheld;
+  every other channel is never penalised (the paper's protected channels, with decay 0). The rest of the run
+  trains the network with the chosen channels at zero, so it has adapted to their loss before stage 2 removes
+  them. This is the growing regularisation of Wang et al. 2021 (pick the channels first, then raise their
+  penalty until they vanish) with a Taylor criterion; ``s``, ``protect``, ``decay`` and ``lr`` do not apply.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +60,19 @@ from .io import atomic_write_json
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SPARSE_BELOW = 1e-2
-MECHANISMS = ("layer_relative", "eq3")
+MECHANISMS = ("layer_relative", "eq3", "selective")
 #: Default s per mechanism: the paper's 7.5e-4 for eq. 3; for ``layer_relative`` s is relative to each layer's
 #: gradient RMS (1.0 with lr 0.02 is what ``benchmarks/bench_method.py`` runs; ``docs/design.md`` has the probes).
-DEFAULT_S = {"eq3": 7.5e-4, "layer_relative": 1.0}
+DEFAULT_S = {"eq3": 7.5e-4, "layer_relative": 1.0, "selective": 0.0}
 #: Share of s every channel gets under ``layer_relative`` (module docstring, 2). Off by default: at s = 1 a floor
 #: of 0.3 zeroed 57 % of the benchmark teacher's γ in 188 steps and left 0.02 mAP (``docs/design.md``).
 DEFAULT_PUSH_FLOOR = 0.0
 BETAS = (0.9, 0.99)  # data-gradient momentum and the per-layer gradient-RMS average (layer_relative)
+#: ``selective``: share of all penalised channels driven to zero, share of the run spent scoring them, and the
+#: most of one layer's channels that may be chosen (a layer emptied of its channels is a cut network).
+DEFAULT_TARGET = 0.45
+DEFAULT_SCORE_SHARE = 0.1
+MAX_LAYER_SHARE = 0.9
 
 
 class DynamicSparsity:
@@ -74,6 +93,10 @@ class DynamicSparsity:
     called by ``gcp.train.fit`` every step): channels are then cut while the rest of the network still learns
     fast enough to take over their work, and the last, small steps let it settle. With a constant γ lr the
     cuts keep coming while a cosine schedule has nearly stopped the network.
+
+    ``mechanism="selective"`` (module docstring) needs the trainer's ``on_step(step, total_steps)`` (``gcp.train.fit``
+    and the Ultralytics adapter call it): ``target`` share of the channels, chosen after ``score_share`` of the
+    steps, reach zero at ``switch_at`` of them.
     """
 
     def __init__(
@@ -89,9 +112,17 @@ class DynamicSparsity:
         lr: float = 0.02,
         follow_schedule: bool = False,
         push_floor: float = DEFAULT_PUSH_FLOOR,
+        target: float = DEFAULT_TARGET,
+        score_share: float = DEFAULT_SCORE_SHARE,
+        max_layer_share: float = MAX_LAYER_SHARE,
+        costs: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown sparsity mechanism {mechanism!r}; choose from {MECHANISMS}")
+        if mechanism == "selective" and s is not None:
+            raise ValueError(
+                "mechanism='selective' has no rate s: target and switch_at set what goes and when"
+            )
         s = DEFAULT_S[mechanism] if s is None else s
         if s < 0:
             raise ValueError(f"sparsity rate s must be >= 0, got {s}")
@@ -105,6 +136,17 @@ class DynamicSparsity:
             raise ValueError(f"lr (γ's own learning rate) must be > 0, got {lr}")
         if not 0.0 <= push_floor <= 1.0:
             raise ValueError(f"push_floor must be in [0, 1], got {push_floor}")
+        if not 0.0 < target < 1.0:
+            raise ValueError(f"target (share of channels driven to zero) must be in (0, 1), got {target}")
+        if not 0.0 <= score_share < 1.0:
+            raise ValueError(f"score_share must be in [0, 1), got {score_share}")
+        if not 0.0 < max_layer_share <= 1.0:
+            raise ValueError(f"max_layer_share must be in (0, 1], got {max_layer_share}")
+        if mechanism == "selective" and score_share >= switch_at:
+            raise ValueError(
+                f"selective: scoring ends at score_share={score_share} of the run, which must come before the "
+                f"ramp to zero ends at switch_at={switch_at}"
+            )
         norms = prunable_norms(model)
         if layers is not None:
             wanted = list(layers)
@@ -115,6 +157,7 @@ class DynamicSparsity:
         if not norms:
             raise ValueError("the model has no affine BatchNorm layer: sparse training on γ needs BatchNorm")
         self.norms = norms
+        self.costs = self._check_costs(costs)
         self.s = s
         self.switch_at = switch_at
         self.protect = protect
@@ -131,6 +174,30 @@ class DynamicSparsity:
         self._momentum: dict[str, torch.Tensor] = {}
         self._mean_square: dict[str, float] = {}
         self._updates = 0
+        self.target = target
+        self.score_share = score_share
+        self.max_layer_share = max_layer_share
+        self._progress: tuple[int, int] | None = None  # (step, total_steps) from on_step
+        self._scores: dict[str, torch.Tensor] = {}  # selective: summed (γ·∂L/∂γ)² of the scoring steps
+        self._scored = 0
+        self._selected: dict[str, torch.Tensor] = {}  # selective: chosen channels, and their γ when chosen
+        self._start: dict[str, torch.Tensor] = {}
+
+    def _check_costs(self, costs: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        if costs is None:
+            return None
+        missing = [n for n in self.norms if n not in costs]
+        if missing:
+            raise ValueError(f"costs has no entry for BatchNorm layers {missing[:5]}")
+        checked = {}
+        for name, norm in self.norms.items():
+            cost = torch.as_tensor(costs[name], dtype=torch.float32).flatten().cpu()
+            if cost.numel() != norm.num_features or not torch.isfinite(cost).all() or (cost < 0).any():
+                raise ValueError(
+                    f"costs[{name!r}] must hold {norm.num_features} finite non-negative values, one per channel"
+                )
+            checked[name] = cost
+        return checked
 
     def switched(self, epoch: int, total_epochs: int) -> bool:
         """True once ``epoch`` (0-based) has reached ``switch_at`` of the run."""
@@ -168,6 +235,9 @@ class DynamicSparsity:
     @torch.no_grad()
     def step(self, epoch: int, total_epochs: int) -> None:
         """Apply one step of the penalty to every penalised γ (see the class docstring for the mechanisms)."""
+        if self.mechanism == "selective":
+            self._selective_update()
+            return
         rates = self.rates(epoch, total_epochs)
         if self.mechanism == "eq3":
             self._add_subgradient(rates)
@@ -181,6 +251,88 @@ class DynamicSparsity:
     def on_lr(self, scale: float) -> None:
         """The trainer's lr of this step over its base lr; γ's own lr follows it with ``follow_schedule``."""
         self._lr_scale = float(scale) if self.follow_schedule else 1.0
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """The trainer's 0-based step over the whole run; ``selective`` times its scoring and ramp with it."""
+        if total_steps < 1 or not 0 <= step < total_steps:
+            raise ValueError(f"on_step needs 0 <= step < total_steps, got {step} of {total_steps}")
+        self._progress = (int(step), int(total_steps))
+
+    def _selective_update(self) -> None:
+        """Score (γ·∂L/∂γ)² until ``score_share`` of the run, then choose, then ramp the chosen γ to zero."""
+        if self._progress is None:
+            raise RuntimeError(
+                "mechanism='selective' times its ramp in steps: the trainer must call on_step(step, total_steps) "
+                "before after_backward (gcp.train.fit and the Ultralytics adapter do)"
+            )
+        step, total = self._progress
+        score_end = max(1, round(self.score_share * total))
+        if not self._selected and step < score_end:
+            self._accumulate_scores()
+            return
+        if not self._selected:
+            self._choose()
+        ramp_end = max(score_end + 1, round(self.switch_at * total))
+        remaining = max(0.0, 1.0 - (step + 1 - score_end) / (ramp_end - score_end))
+        for name, chosen in self._selected.items():
+            weight = self.norms[name].weight
+            if weight.grad is not None:
+                weight.grad[chosen.to(weight.device)] = 0.0  # the optimiser must not hold them up
+            values = (self._start[name] * remaining).to(weight.device, weight.dtype)
+            weight.data[chosen.to(weight.device)] = values
+
+    def _accumulate_scores(self) -> None:
+        for name, norm in self.norms.items():
+            weight = norm.weight
+            grad = (
+                weight.grad.detach().float() if weight.grad is not None else torch.zeros_like(weight.float())
+            )
+            taylor = (weight.detach().float() * grad).pow(2).cpu()
+            self._scores[name] = self._scores.get(name, torch.zeros_like(taylor)) + taylor
+        self._scored += 1
+
+    def importance(self) -> dict[str, torch.Tensor]:
+        """Each channel's mean (γ·∂L/∂γ)² over the scoring steps: the squared first-order estimate of the loss
+        change from zeroing it, in the loss's units, so it compares across layers."""
+        count = max(self._scored, 1)
+        return {
+            name: self._scores.get(name, torch.zeros(norm.num_features)) / count
+            for name, norm in self.norms.items()
+        }
+
+    def _choose(self) -> None:
+        """The ``target`` share of all channels with the lowest importance (with ``costs``: the channels with the
+        lowest importance per cost until they hold ``target`` of the total cost), at most ``max_layer_share``
+        of each layer (ties by position), as boolean masks; their γ now are the ramp's starting values."""
+        importance = self.importance()
+        names = list(importance)
+        flat = torch.cat([importance[n] for n in names])
+        layer = torch.cat([torch.full((importance[n].numel(),), i) for i, n in enumerate(names)])
+        eligible = torch.zeros(flat.numel(), dtype=torch.bool)
+        start = 0
+        for name in names:
+            count = importance[name].numel()
+            cap = min(int(self.max_layer_share * count), count - 1)  # every layer keeps a channel
+            order = torch.sort(importance[name], stable=True).indices[:cap]
+            eligible[start + order] = True
+            start += count
+        candidates = torch.nonzero(eligible).flatten()
+        if self.costs is None:
+            order = torch.sort(flat[candidates], stable=True).indices
+            order = order[: int(round(self.target * flat.numel()))]
+        else:  # least importance per unit of cost first, until the chosen hold target of the total cost
+            cost = torch.cat([self.costs[n] for n in names])
+            per_cost = flat[candidates] / cost[candidates].clamp_min(1e-12)
+            order = torch.sort(per_cost, stable=True).indices
+            held = torch.cumsum(cost[candidates][order], 0)
+            order = order[: int(torch.searchsorted(held, self.target * float(cost.sum()))) + 1]
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        chosen[candidates[order]] = True
+        for i, name in enumerate(names):
+            mask = chosen[layer == i]
+            if mask.any():
+                self._selected[name] = mask
+                self._start[name] = self.norms[name].weight.detach().float().cpu()[mask]
 
     def _add_subgradient(self, rates: dict[str, torch.Tensor]) -> None:
         """Eq. 3: add s_d·sign(γ) to γ.grad of every penalised layer; the optimiser takes the step."""
@@ -234,12 +386,25 @@ class DynamicSparsity:
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any] | None = None) -> None:
         """Record :meth:`stats` (and, for the |γ| plots, a 64-bin histogram of log10|γ|) for this epoch."""
+        self._hold_zeros()
         gammas = torch.cat([m.weight.detach().abs().flatten().float().cpu() for m in self.norms.values()])
         hist = torch.histc(torch.log10(gammas.clamp_min(1e-6)), bins=64, min=-6.0, max=1.0)
         entry: dict[str, Any] = {"epoch": epoch, "groups": self.stats(), "log10_hist": hist.tolist()}
         if metrics:
             entry["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self.history.append(entry)
+
+    @torch.no_grad()
+    def _hold_zeros(self) -> None:
+        """After its ramp, ``selective`` sets the chosen γ back to exactly 0 at every epoch end: the optimiser's
+        momentum from before the choice can still have moved them by about its lr."""
+        if not self._selected or self._progress is None:
+            return
+        step, total = self._progress
+        if step + 1 >= round(self.switch_at * total):
+            for name, chosen in self._selected.items():
+                weight = self.norms[name].weight
+                weight.data[chosen.to(weight.device)] = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """History plus the ``layer_relative`` optimiser state, so ``fit(resume=True)`` continues exactly."""
@@ -248,6 +413,10 @@ class DynamicSparsity:
             "momentum": {n: m.cpu() for n, m in self._momentum.items()},
             "mean_square": json.dumps(self._mean_square),
             "updates": self._updates,
+            "scores": dict(self._scores),
+            "scored": self._scored,
+            "selected": dict(self._selected),
+            "start": dict(self._start),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -255,6 +424,10 @@ class DynamicSparsity:
         self._momentum = {n: m.clone() for n, m in state.get("momentum", {}).items()}
         self._mean_square = json.loads(state.get("mean_square", "{}"))
         self._updates = int(state.get("updates", 0))
+        self._scores = {n: v.clone() for n, v in state.get("scores", {}).items()}
+        self._scored = int(state.get("scored", 0))
+        self._selected = {n: v.clone() for n, v in state.get("selected", {}).items()}
+        self._start = {n: v.clone() for n, v in state.get("start", {}).items()}
 
     def save_history(self, path: str | Path) -> Path:
         """Write the per-epoch history as JSON (atomically), for ``gcp plot sparsity``."""

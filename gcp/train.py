@@ -558,6 +558,8 @@ class _Trainer:
         )
         for hook in self._hooks_with("on_lr"):  # hooks with an optimiser of their own follow the schedule
             hook.on_lr(lr / self.config["lr"])
+        for hook in self._hooks_with("on_step"):  # hooks whose schedule runs in steps, not epochs
+            hook.on_step(self.step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if "betas" in group:

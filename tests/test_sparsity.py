@@ -133,6 +133,7 @@ def train_signal_and_noise(
         optimizer.zero_grad()
         loss.backward()
         if step >= dense_steps:
+            sparsity.on_step(step - dense_steps, steps)
             sparsity.after_backward((step - dense_steps) * 10 // steps, 10)
         optimizer.step()
     return model.bn.weight.detach().abs(), loss.item()
@@ -174,6 +175,117 @@ def test_without_the_push_floor_channels_silenced_by_training_survive():
 def test_push_floor_is_checked():
     with pytest.raises(ValueError, match="push_floor"):
         DynamicSparsity(two_bn_model(), push_floor=1.5)
+
+
+@pytest.mark.parametrize(
+    "optimizer, bf16, noise_at_least",
+    [("adamw", False, 6), ("adamw", True, 6), ("sgd", False, 0)],
+    ids=["adamw", "adamw-bf16", "sgd"],
+)
+def test_selective_zeroes_the_target_share_and_trains_on(optimizer, bf16, noise_at_least):
+    """From a trained model (as stage 1 starts), under either optimiser: exactly the target share is driven to
+    zero by switch_at (the optimiser's leftover momentum moves them by < 1e-6 afterwards) and the network
+    trains on without them to a low loss. Under AdamW the Taylor scores of 30 steps pick mostly the channels
+    fed by ignored inputs (6 of 8); after this toy's SGD training they pick 4–5 of 8, no better than chance
+    (the noise channels still reach the output there), so that case checks only the mechanism."""
+    gamma, loss = train_signal_and_noise(
+        "selective", optimizer=optimizer, bf16=bf16, dense_steps=300, target=0.5, score_share=0.1
+    )
+    zeroed = gamma < 1e-6
+    assert int(zeroed.sum()) == 8, gamma
+    assert int(zeroed[8:].sum()) >= noise_at_least, gamma
+    assert loss < 0.02
+
+
+def run_selective(model, sparsity, steps, grads):
+    """Drive ``sparsity`` for ``steps`` with fixed per-layer γ gradients (no optimiser)."""
+    for step in range(steps):
+        for name, grad in grads.items():
+            sparsity.norms[name].weight.grad = grad.clone()
+        sparsity.on_step(step, steps)
+        sparsity.after_backward(0, 1)
+    sparsity.on_epoch_end(0)
+
+
+def two_layers():
+    return nn.Sequential(nn.Conv2d(3, 10, 1), nn.BatchNorm2d(10), nn.Conv2d(10, 10, 1), nn.BatchNorm2d(10))
+
+
+def test_selective_ranks_channels_across_layers_by_taylor_importance():
+    """(γ·∂L/∂γ)² is in the loss's units, so a layer whose gradients are 1000× smaller gives up its channels
+    first; max_layer_share still leaves every layer most of what it had; the ramp ends at exactly zero."""
+    shape = torch.linspace(0.1, 1.0, 10)
+    model = two_layers()
+    sparsity = DynamicSparsity(model, mechanism="selective", target=0.4, score_share=0.1, switch_at=0.5)
+    run_selective(model, sparsity, 20, {"1": shape, "3": shape * 1e-3})
+    assert (model[1].weight == 1).all(), model[1].weight
+    assert (model[3].weight[:8] == 0).all() and (model[3].weight[8:] == 1).all(), model[3].weight
+    model = two_layers()
+    capped = DynamicSparsity(
+        model, mechanism="selective", target=0.6, max_layer_share=0.5, score_share=0.1, switch_at=0.5
+    )
+    run_selective(model, capped, 20, {"1": shape, "3": shape * 1e-3})
+    assert [int((layer.weight == 0).sum()) for layer in (model[1], model[3])] == [5, 5]
+
+
+def test_selective_with_costs_chooses_least_importance_per_cost_up_to_a_cost_share():
+    """Channels 100× as costly (a high-resolution layer's MACs) at equal importance go first, and the choice
+    stops at the first channel that brings the chosen to target of the total cost (10 + 1000; 0.5 → 6 × 100)."""
+    shape = torch.linspace(0.1, 1.0, 10)
+    model = two_layers()
+    costs = {"1": torch.ones(10), "3": torch.full((10,), 100.0)}
+    sparsity = DynamicSparsity(
+        model, mechanism="selective", target=0.5, score_share=0.1, switch_at=0.5, costs=costs
+    )
+    run_selective(model, sparsity, 20, {"1": shape, "3": shape})
+    assert int((model[1].weight == 0).sum()) == 0 and int((model[3].weight == 0).sum()) == 6
+    with pytest.raises(ValueError, match="one per channel"):
+        DynamicSparsity(model, mechanism="selective", costs={"1": torch.ones(3), "3": torch.ones(10)})
+    with pytest.raises(ValueError, match="no entry"):
+        DynamicSparsity(model, mechanism="selective", costs={"1": torch.ones(10)})
+
+
+def test_channel_costs_are_each_channels_share_of_the_macs():
+    """conv(3→8) → BN → conv(8→4) at 8×8: a BN channel takes 1/8 of the first conv's MACs and 1/8 of the
+    second's (the second feeds the output and keeps its own outputs, so its BN has no cost)."""
+    from gcp.prune import channel_costs
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    costs = channel_costs(model, torch.zeros(1, 3, 8, 8))
+    first, second = 3 * 8 * 64, 8 * 4 * 64
+    torch.testing.assert_close(costs["1"], torch.full((8,), (first / 8 + second / 8) / (first + second)))
+    assert model.training and float(costs["3"].sum()) == 0.0
+
+
+def test_selective_resumes_its_choice_and_ramp():
+    model = nn.Sequential(nn.Conv2d(3, 10, 1), nn.BatchNorm2d(10))
+    grads = {"1": torch.linspace(0.1, 1.0, 10)}
+    sparsity = DynamicSparsity(model, mechanism="selective", target=0.3, score_share=0.2, switch_at=0.6)
+    for step in range(5):  # past the choice (step 2), halfway up the ramp
+        model[1].weight.grad = grads["1"].clone()
+        sparsity.on_step(step, 10)
+        sparsity.after_backward(0, 1)
+    restored = DynamicSparsity(model, mechanism="selective", target=0.3, score_share=0.2, switch_at=0.6)
+    restored.load_state_dict(sparsity.state_dict())
+    torch.testing.assert_close(restored._selected["1"], sparsity._selected["1"])
+    assert 0 < float(model[1].weight.detach()[0]) < 1
+    for step in range(5, 10):
+        model[1].weight.grad = grads["1"].clone()
+        restored.on_step(step, 10)
+        restored.after_backward(0, 1)
+    assert (model[1].weight[:3] == 0).all() and (model[1].weight[3:] == 1).all()
+
+
+def test_selective_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="no rate s"):
+        DynamicSparsity(two_bn_model(), mechanism="selective", s=1.0)
+    with pytest.raises(ValueError, match="target"):
+        DynamicSparsity(two_bn_model(), mechanism="selective", target=1.0)
+    with pytest.raises(ValueError, match="before the ramp"):
+        DynamicSparsity(two_bn_model(), mechanism="selective", score_share=0.5, switch_at=0.5)
+    sparsity = DynamicSparsity(two_bn_model(), mechanism="selective")
+    with pytest.raises(RuntimeError, match="on_step"):
+        sparsity.after_backward(0, 1)
 
 
 def test_eq3_under_adamw_leaves_gamma_dense():

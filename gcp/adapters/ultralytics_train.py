@@ -156,6 +156,7 @@ class PrunedDetectionTrainer(DetectionTrainer):
         self.distiller: Any = None
         self.criterion: LossTermsCriterion | None = None
         self._step_hook: Any = None
+        self._steps_in_epoch = (-1, 0)  # (epoch, optimiser steps taken in it), for on_step
         # Ultralytics builds the loss lazily from the model's args; one left from an earlier run would keep that
         # run's hyperparameters (and device)
         module.criterion = None
@@ -245,9 +246,22 @@ class PrunedDetectionTrainer(DetectionTrainer):
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
                 return
+        step, total = self._next_step_position()
         for hook in self.gcp_hooks:
+            if hasattr(hook, "on_step"):
+                hook.on_step(step, total)
             if hasattr(hook, "after_backward"):
                 hook.after_backward(self.epoch, self.epochs)
+
+    def _next_step_position(self) -> tuple[int, int]:
+        """This optimiser step's index over the whole run and the run's step count, as ``gcp.train.fit`` passes
+        them to ``on_step`` (Ultralytics steps once per ``accumulate`` batches); counts the step."""
+        per_epoch = max(1, -(-len(self.train_loader) // max(1, int(self.accumulate))))
+        epoch, done = self._steps_in_epoch
+        done = done if epoch == self.epoch else 0
+        self._steps_in_epoch = (self.epoch, done + 1)
+        total = self.epochs * per_epoch
+        return min(self.epoch * per_epoch + done, total - 1), total
 
     def _end_epoch(self) -> None:
         metrics = {**(self.label_loss_items(self.tloss) if self.tloss else {}), **self.lr}
