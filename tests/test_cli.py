@@ -16,6 +16,7 @@ from gcp.models import yolov4
 from gcp.pipeline import load_model
 from gcp.serialize import load_pruned
 from gcp.train import load_checkpoint
+from grouping import prunable_norms
 
 COMMANDS = (
     "train",
@@ -143,6 +144,20 @@ def test_sparse_train_records_the_gamma_history_and_takes_the_constant_schedule(
     )
     assert json.loads((other / "sparsity_history.json").read_text())["switch_at"] == 1.0
     assert load_model(other / "sparse.pt").num_classes == 10
+
+
+def test_sparse_train_with_the_selective_mechanism_zeroes_channels(
+    run: Path, tiny_config: Path, tmp_path: Path
+) -> None:
+    options = ["--weights", str(run / "trained.pt"), "--set", "sparsity.mechanism=selective"]
+    with pytest.raises(ValueError, match="needs a run of at least 2 steps"):  # the tiny run has 1 step
+        gcp(tiny_config, tmp_path / "one_step", "sparse-train", *options)
+    other = tmp_path / "selective"
+    more = ["--set", "sparsity.epochs=3", "--set", "sparsity.target=0.3"]
+    assert gcp(tiny_config, other, "sparse-train", *options, *more) == 0
+    norms = prunable_norms(load_model(other / "sparse.pt"))
+    gammas = torch.cat([m.weight.detach().flatten() for m in norms.values()])
+    assert 0.05 < float((gammas == 0).float().mean()) < 0.95  # chosen per MAC, so not 30 % of the channels
 
 
 def test_prune_methods_flags_and_group_files(run: Path, tiny_config: Path, tmp_path: Path) -> None:

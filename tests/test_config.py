@@ -90,6 +90,7 @@ def test_wrong_types_name_the_key_and_the_expected_type(raw: dict, message: str)
         ({"device": "gpu"}, r"device: expected cpu, cuda, cuda:N or auto, got 'gpu'"),
         ({"prune": {"allocator": "explicit"}}, r"prune\.group_ratios .* allocator 'explicit'"),
         ({"data": {"format": "yolo"}}, r"data\.class_names: the yolo format"),
+        ({"sparsity": {"target_of": "params"}}, r"sparsity\.target_of: 'params' is not one of"),
     ],
 )
 def test_values_outside_their_choices_or_range_are_rejected(raw: dict, message: str) -> None:
@@ -208,6 +209,17 @@ def test_config_choices_name_what_prune_detector_accepts() -> None:
     from gcp import config, prune
 
     assert config.BN_FREE == prune.BN_FREE and set(config.COUPLINGS) == set(prune.COUPLINGS)
+
+
+def test_config_sparsity_constants_are_the_hooks() -> None:
+    from gcp import config, sparsity
+
+    assert config.SPARSITY_MECHANISMS == sparsity.MECHANISMS
+    assert (config.DEFAULT_PUSH_FLOOR, config.DEFAULT_TARGET, config.DEFAULT_SCORE_SHARE) == (
+        sparsity.DEFAULT_PUSH_FLOOR,
+        sparsity.DEFAULT_TARGET,
+        sparsity.DEFAULT_SCORE_SHARE,
+    )
 
 
 def test_an_ultralytics_model_needs_its_file_a_data_yaml_and_what_its_trainer_can_do() -> None:

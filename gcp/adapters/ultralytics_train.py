@@ -9,7 +9,8 @@ and plugs the ``gcp.train.fit`` hook protocol (``docs/design.md``, "Trainer hook
   the model's ``criterion`` (:class:`LossTermsCriterion`): Ultralytics' detection loss is L_hard, the hooks'
   terms are added to it (eq. 4) and logged as loss items;
 * ``after_backward(epoch, total_epochs)``, e.g. :class:`gcp.DynamicSparsity` (§4.1), as a step pre-hook of the
-  optimiser: it runs after backward, after the gradients were unscaled and clipped, and before the update;
+  optimiser: it runs after backward, after the gradients were unscaled and clipped, and before the update,
+  preceded by ``on_step(step, total_steps)`` counted in optimiser steps (the ``selective`` mechanism's clock);
 * ``on_epoch_end(epoch, metrics)`` at the end of every training epoch; ``state_dict`` / ``load_state_dict``
   in ``weights/gcp_hooks.pt`` next to ``last.pt``, so a resumed run continues the hooks' state too.
 """
