@@ -257,7 +257,9 @@ class DynamicSparsity:
         if total_steps < 1 or not 0 <= step < total_steps:
             raise ValueError(f"on_step needs 0 <= step < total_steps, got {step} of {total_steps}")
         if self.mechanism == "selective" and total_steps < 2:
-            raise ValueError("mechanism='selective' needs a run of at least 2 steps: one to score, one to cut")
+            raise ValueError(
+                "mechanism='selective' needs a run of at least 2 steps: one to score, one to cut"
+            )
         self._progress = (int(step), int(total_steps))
 
     def _selective_update(self) -> None:
