@@ -137,7 +137,7 @@ class DynamicSparsity:
         if not 0.0 <= push_floor <= 1.0:
             raise ValueError(f"push_floor must be in [0, 1], got {push_floor}")
         if not 0.0 < target < 1.0:
-            raise ValueError(f"target (share of channels driven to zero) must be in (0, 1), got {target}")
+            raise ValueError(f"target (the share driven to zero) must be in (0, 1), got {target}")
         if not 0.0 <= score_share < 1.0:
             raise ValueError(f"score_share must be in [0, 1), got {score_share}")
         if not 0.0 < max_layer_share <= 1.0:
