@@ -270,13 +270,12 @@ class DynamicSparsity:
                 "before after_backward (gcp.train.fit and the Ultralytics adapter do)"
             )
         step, total = self._progress
-        score_end = max(1, round(self.score_share * total))
+        score_end, ramp_end = self._ramp(total)
         if not self._selected and step < score_end:
             self._accumulate_scores()
             return
         if not self._selected:
             self._choose()
-        ramp_end = max(score_end + 1, round(self.switch_at * total))
         remaining = max(0.0, 1.0 - (step + 1 - score_end) / (ramp_end - score_end))
         for name, chosen in self._selected.items():
             weight = self.norms[name].weight
@@ -284,6 +283,11 @@ class DynamicSparsity:
                 weight.grad[chosen.to(weight.device)] = 0.0  # the optimiser must not hold them up
             values = (self._start[name] * remaining).to(weight.device, weight.dtype)
             weight.data[chosen.to(weight.device)] = values
+
+    def _ramp(self, total: int) -> tuple[int, int]:
+        """The step where scoring ends and the chosen are cut, and the step by which they reach zero."""
+        score_end = max(1, round(self.score_share * total))
+        return score_end, max(score_end + 1, round(self.switch_at * total))
 
     def _accumulate_scores(self) -> None:
         for name, norm in self.norms.items():
@@ -405,7 +409,7 @@ class DynamicSparsity:
         if not self._selected or self._progress is None:
             return
         step, total = self._progress
-        if step + 1 >= round(self.switch_at * total):
+        if step + 1 >= self._ramp(total)[1]:
             for name, chosen in self._selected.items():
                 weight = self.norms[name].weight
                 weight.data[chosen.to(weight.device)] = 0.0
