@@ -432,6 +432,10 @@ class ModelFamily:
     :class:`gcp.adapters.ultralytics_pipeline.UltralyticsFamily`.
     """
 
+    #: Train and score on channels-last batches (a third faster on CPU, :func:`gcp.data.batch_to`): gcp's
+    #: detectors reshape rather than view their feature maps, so any memory order works (tests/test_train.py).
+    channels_last = True
+
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
 
@@ -582,6 +586,7 @@ def _fit(
             ap_method=ctx.config.eval.ap_method,
             device=device,
             progress=ctx.progress,
+            channels_last=ctx.family.channels_last,
         )
 
     fit(
@@ -606,6 +611,7 @@ def _fit(
         progress=ctx.progress,
         max_steps_per_epoch=settings.max_steps_per_epoch,
         bf16=settings.bf16,
+        channels_last=ctx.family.channels_last,
     )
 
 
@@ -844,6 +850,7 @@ def _score(ctx: Context, model: nn.Module) -> dict[str, Any]:
         device=ctx.device,
         progress=ctx.progress,
         postprocess_fn=ctx.family.postprocess,
+        channels_last=ctx.family.channels_last,
     )
     macs, params = count_macs_params(model, ctx.example_inputs.to(ctx.device))
     return {

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from gcp.data.common import batch_to
 from gcp.io import atomic_torch_save, atomic_write_json
 
 LOGGER = logging.getLogger(__name__)
@@ -602,7 +603,7 @@ class _Trainer:
             disable=not show_progress,
         )
         for done, (images, targets) in enumerate(progress, start=1):
-            images = images.to(self.device, non_blocking=True)
+            images = batch_to(images, self.device, channels_last=self.config["channels_last"])
             terms, lr = self._train_step(images, _to_device(targets, self.device), epoch)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -644,7 +645,7 @@ class _Trainer:
         # The same worker seeds every pass, so the validation loss never depends on how often it ran before.
         self.val_generator.manual_seed(_derived_seed(self.config["seed"], self.distributed.rank))
         for images, targets in self.val_loader:
-            outputs = model(images.to(self.device, non_blocking=True))
+            outputs = model(batch_to(images, self.device, channels_last=self.config["channels_last"]))
             losses = self.loss_fn(outputs, _to_device(targets, self.device))
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * len(images)
@@ -776,6 +777,7 @@ def fit(
     max_steps_per_epoch: int | None = None,
     bf16: bool = False,
     loss_reduction: str = "sum",
+    channels_last: bool = False,
 ) -> dict[str, list]:
     """Train ``model`` in place and return the per-epoch history.
 
@@ -816,6 +818,11 @@ def fit(
     statistics, losses and the optimiser in fp32). On CPUs with AMX/AVX512-BF16 this cut a YOLOv4 (width
     0.25) step from 3.5 s to 2.2 s here; on CPUs without them it is slower, so it is off by default.
     Validation loss and evaluation stay in fp32.
+
+    ``channels_last=True`` hands the model its image batches (training and validation) in channels-last memory
+    order, which on CPU made a YOLOv4 step a third faster here with the same weights
+    (:func:`gcp.data.batch_to`); it needs 4-D batches and a model whose code does not assume contiguous
+    feature maps (``.view`` on a permuted map fails; ``.reshape`` works).
     """
     _check_arguments(
         train_data=train_data,
@@ -853,6 +860,7 @@ def fit(
         max_steps_per_epoch=max_steps_per_epoch,
         bf16=bf16,
         loss_reduction=loss_reduction,
+        channels_last=channels_last,
     )
     distributed, device = _setup_distributed(torch.device(device))
     trainer = _Trainer(

@@ -185,6 +185,7 @@ def test_evaluate_runs_real_postprocess_in_eval_mode_and_restores_mode(rectangle
     assert result["map50"] == pytest.approx(1.0) and result["map"] == pytest.approx(1.0)
     assert set(result["per_class"]) == {"white", "red"}
     assert model.modes_seen == [False, False] and model.training
+    assert evaluate(model, rectangles(rectangles_root), progress=False, channels_last=True) == result
     confused = BrightRectangleDetector(wrong_class=True).eval()
     assert evaluate(confused, rectangles(rectangles_root), progress=False)["map50"] == 0.0
     assert not confused.training

@@ -100,6 +100,21 @@ def test_output_shapes_follow_design_contract(name: str, num_classes: int) -> No
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_channels_last_input_gives_the_same_outputs_in_training_and_eval(name: str) -> None:
+    """The pipeline feeds gcp's detectors channels-last batches (ModelFamily.channels_last): their code must
+    not assume contiguous feature maps, forward or backward."""
+    model = build(name, num_classes=3, **TINY[name])
+    images = torch.rand(2, 3, 64, 96)
+    for training in (True, False):
+        model.train(training)
+        plain = model(images)
+        fast = model(images.contiguous(memory_format=torch.channels_last))
+        for a, b in zip(plain, fast, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-3)  # float rounding: other kernels
+    sum(o.sum() for o in fast).backward()
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_build_from_gcp_builder_reproduces_architecture(name: str) -> None:
     anchors = scale_anchors(None, 256 / 416)
     model = build(name, num_classes=7, anchors=anchors, **TINY[name])

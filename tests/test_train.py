@@ -25,6 +25,7 @@ from _train_toys import (
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from gcp.data import batch_to
 from gcp.train import (
     CHECKPOINT_FORMAT,
     EMA_DECAY,
@@ -188,6 +189,37 @@ def test_bf16_runs_the_forward_in_bfloat16_and_the_loss_and_weights_in_float32()
     assert torch.bfloat16 in seen
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert history["train/total"][-1] < 0.7 * history["train/total"][0]
+
+
+def test_channels_last_feeds_channels_last_batches_and_trains_like_the_default_layout():
+    def run(channels_last: bool) -> tuple[list[bool], list[float], nn.Module]:
+        model = make_model()
+        model.stem[3] = nn.Identity()  # dropout draws its mask in memory order: another mask per layout
+        layouts, losses = [], []
+        model.register_forward_pre_hook(
+            lambda _m, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+        )
+
+        def recording_loss(outputs, targets):
+            terms = toy_loss(outputs, targets)
+            losses.append(float(terms["total"]))
+            return terms
+
+        quick_fit(model, epochs=6, channels_last=channels_last, loss_fn=recording_loss)
+        return layouts, losses, model
+
+    layouts, fast, model = run(True)
+    _, default, _ = run(False)
+    assert layouts and all(layouts)
+    assert fast[0] == pytest.approx(default[0], rel=1e-5)  # the same first step, up to float rounding
+    assert fast[-1] < 0.7 * fast[0]
+    assert all(p.is_contiguous() for p in model.parameters())  # the weights keep their layout
+
+
+def test_channels_last_needs_four_dimensional_batches():
+    with pytest.raises(ValueError, match="4-D image batches"):
+        batch_to(torch.zeros(2, 3, 8), "cpu", channels_last=True)
+    assert batch_to(torch.zeros(2, 3, 8), "cpu", channels_last=False).shape == (2, 3, 8)
 
 
 def test_default_loss_is_yolo_loss():

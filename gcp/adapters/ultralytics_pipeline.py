@@ -59,6 +59,10 @@ OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW"}  # gcp.config.OPTIMIZERS as Ultral
 class UltralyticsFamily(ModelFamily):
     """A user's Ultralytics detector in the pipeline's stages (see the module docstring)."""
 
+    #: Ultralytics' own trainer picks the memory order; scoring keeps the default one, which its models
+    #: were tested with.
+    channels_last = False
+
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__(config)
         for key in config.model.train_args:

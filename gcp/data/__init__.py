@@ -4,7 +4,14 @@ Every reader yields ``(image, target)`` pairs in the format fixed by docs/design
 """
 
 from gcp.data.coco import COCODataset
-from gcp.data.common import CorruptFileError, DatasetError, DetectionDataset, ImageRecord, collate
+from gcp.data.common import (
+    CorruptFileError,
+    DatasetError,
+    DetectionDataset,
+    ImageRecord,
+    batch_to,
+    collate,
+)
 from gcp.data.digits import make_digit_scenes
 from gcp.data.transforms import letterbox
 from gcp.data.voc import VOC_CLASSES, VOCDataset
@@ -20,6 +27,7 @@ __all__ = [
     "VOCDataset",
     "VOC_CLASSES",
     "YOLODataset",
+    "batch_to",
     "collate",
     "letterbox",
     "make_digit_scenes",

@@ -266,3 +266,22 @@ def collate(
         raise ValueError("collate got an empty batch")
     images, targets = zip(*batch)
     return torch.stack(images), list(targets)
+
+
+def batch_to(images: torch.Tensor, device: torch.device | str, *, channels_last: bool) -> torch.Tensor:
+    """A batch on ``device``, in channels-last memory order when asked.
+
+    Why: on CPU, oneDNN convolutions on channels-last input skip a reorder per layer and the output stays
+    channels-last, so the whole network follows the input without touching the model's weights. Measured on
+    the shipped DigitScenes teacher (reduced YOLOv4, 256 px, 2 AVX2 cores): a training step of 32 images
+    4.35 s → 2.93 s, an inference batch of 16 0.60 s → 0.50 s (``benchmarks/bench_layout.py``).
+    Results equal the default layout's up to float rounding.
+    """
+    images = images.to(device, non_blocking=True)
+    if not channels_last:
+        return images
+    if images.dim() != 4:
+        raise ValueError(
+            f"channels_last=True needs 4-D image batches (N, C, H, W), got shape {tuple(images.shape)}"
+        )
+    return images.contiguous(memory_format=torch.channels_last)
