@@ -637,7 +637,7 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
     from grouping import partition
 
     from .prune import channel_costs
-    from .sparsity import DynamicSparsity
+    from .sparsity import DynamicSparsity, TooFewStepsError
 
     run = ctx.run
     source = weights or trained_model(ctx, f"run `gcp train --run-dir {run.path}` first, or pass --weights")
@@ -664,7 +664,14 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
             score_share=settings.score_share,
             costs=channel_costs(model, ctx.example_inputs) if by_macs else None,
         )
-        ctx.family.fit(ctx, model, settings, "sparse", run.sparse, hooks=[hook])
+        try:
+            ctx.family.fit(ctx, model, settings, "sparse", run.sparse, hooks=[hook])
+        except TooFewStepsError as error:
+            raise ConfigError(
+                f"sparsity.mechanism: {error}; raise sparsity.epochs (or sparsity.max_steps_per_epoch, or give "
+                "more training images)",
+                "sparsity.mechanism",
+            ) from None
         hook.save_history(run.sparsity_history)
         return run.sparse
 

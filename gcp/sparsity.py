@@ -75,6 +75,11 @@ DEFAULT_SCORE_SHARE = 0.1
 MAX_LAYER_SHARE = 0.9
 
 
+class TooFewStepsError(ValueError):
+    """The run is too short for the mechanism's schedule; raised at the first step, before any update, so the
+    pipeline can name the config keys that set the run's length."""
+
+
 class DynamicSparsity:
     """Sparse training of BatchNorm γ with the paper's dynamic schedule; a ``gcp.train.fit`` hook.
 
@@ -257,8 +262,9 @@ class DynamicSparsity:
         if total_steps < 1 or not 0 <= step < total_steps:
             raise ValueError(f"on_step needs 0 <= step < total_steps, got {step} of {total_steps}")
         if self.mechanism == "selective" and total_steps < 2:
-            raise ValueError(
-                "mechanism='selective' needs a run of at least 2 steps: one to score, one to cut"
+            raise TooFewStepsError(
+                f"mechanism='selective' needs a run of at least 2 steps (one to score, one to cut), this run has "
+                f"{total_steps}"
             )
         self._progress = (int(step), int(total_steps))
 
