@@ -147,6 +147,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self._stage, self._tick = "setup", time.perf_counter()
         self.out = Path(args.out or f"runs/method_cpu/seed{args.seed}")
         self.out.mkdir(parents=True, exist_ok=True)
         root = make_digit_scenes(ROOT, n_train=3000, n_val=500, n_test=500, size=SIZE, seed=0)
@@ -187,11 +188,18 @@ class Bench:
     def save(self) -> None:
         atomic_write_json(self.results_path, self.results)
 
-    def add_wall_minutes(self, stage: str, minutes: float) -> None:
-        """Wall time per stage, summed over the runs (sessions) that worked on it: the ≤ 150 min target is
-        the whole command's time, training, pruning, scoring and the skips of finished stages included."""
+    def begin_stage(self, stage: str) -> None:
+        self._stage, self._tick = stage, time.perf_counter()
+
+    def tick(self) -> None:
+        """Add the wall time since the last tick to the stage's, summed over the runs (sessions) that worked
+        on it: the ≤ 150 min target is the whole command's time, training, pruning and scoring included. Ticks
+        come with every recorded result and at the end of a stage, so an interrupted run loses only the work
+        it must redo (its unfinished epoch; finished epochs are added back from the fit's history)."""
+        now_ = time.perf_counter()
         wall = self.results.setdefault("wall_minutes", {})
-        wall[stage] = wall.get(stage, 0.0) + minutes
+        wall[self._stage] = wall.get(self._stage, 0.0) + (now_ - self._tick) / 60
+        self._tick = now_
         self.save()
 
     def path(self, name: str) -> Path:
@@ -202,7 +210,7 @@ class Bench:
 
     def record(self, key: str, value: Any) -> None:
         self.results[key] = value
-        self.save()
+        self.tick()
         print(f"[{now()}] {key}: {json.dumps(value)[:300]}", flush=True)
 
     def score(self, key: str, model: nn.Module, extra: dict | None = None) -> dict[str, Any]:
@@ -228,26 +236,38 @@ class Bench:
         self, model: nn.Module, name: str, stage: str, hooks: list | None = None
     ) -> tuple[nn.Module, float]:
         """``fit`` with ``stage``'s ("sparse" or "recover") epochs and lr into ``out/fits/name`` (resuming its
-        last epoch); returns the model and the minutes it took."""
+        last epoch); returns the model and its training minutes: the sum of its epochs' times from the fit's
+        history, so epochs trained by an earlier, interrupted run of this script count too (and only once)."""
         epochs = self.args.epochs_sparse if stage == "sparse" else self.args.epochs_recover
         lr = self.args.lr_sparse if stage == "sparse" else self.args.lr_recover
         out_dir = self.out / "fits" / name
-        start = time.perf_counter()
-        fit(
+        resume = (out_dir / "last.pt").is_file()
+        if (
+            resume
+        ):  # epochs an interrupted run trained: their time was never ticked into the stage's wall time
+            earlier = json.loads((out_dir / "history.json").read_text()).get("seconds", [])
+            self._tick -= sum(s for s in earlier if s is not None)
+        history = fit(
             model,
             self.train,
             epochs=epochs,
             lr=lr,
             hooks=hooks or [],
             out_dir=out_dir,
-            resume=(out_dir / "last.pt").is_file(),
+            resume=resume,
             seed=self.args.seed,
             progress=False,
             max_steps_per_epoch=self.args.max_steps,
             channels_last=self.channels_last,
             **TRAINING,
         )
-        return model, (time.perf_counter() - start) / 60
+        timed = [s for s in history["seconds"] if s is not None]
+        if len(timed) != len(history["seconds"]):
+            raise SystemExit(
+                f"{out_dir}: an epoch without its time (trained by a version of this script before fit logged "
+                "epoch times); delete that directory so the fit is retrained and timed"
+            )
+        return model, sum(timed) / 60
 
 
 # ----------------------------------------------------------------------------------------------- the stages
@@ -657,10 +677,10 @@ def main() -> None:
     for name in args.stages or list(STAGES):
         start = time.perf_counter()
         print(f"[{now()}] stage {name} ...", flush=True)
+        bench.begin_stage(name)
         STAGES[name](bench)
-        minutes = (time.perf_counter() - start) / 60
-        bench.add_wall_minutes(name, minutes)
-        print(f"[{now()}] stage {name} done in {minutes:.1f} min", flush=True)
+        bench.tick()
+        print(f"[{now()}] stage {name} done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

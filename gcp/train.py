@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -699,9 +700,9 @@ class _Trainer:
             atomic_torch_save(checkpoint, self.out_dir / "best.pt")
         atomic_write_json(self.out_dir / "history.json", self.history)
 
-    def _end_epoch(self, epoch: int, train_means: dict[str, float], lr: float) -> None:
+    def _end_epoch(self, epoch: int, train_means: dict[str, float], lr: float, seconds: float) -> None:
         self._broadcast_buffers()
-        metrics: dict[str, float | int] = {"epoch": epoch, "lr": lr}
+        metrics: dict[str, float | int] = {"epoch": epoch, "lr": lr, "seconds": seconds}
         metrics |= {f"train/{name}": value for name, value in train_means.items()}
         if self.val_loader is not None:
             metrics |= {f"val/{name}": value for name, value in self._validation_loss().items()}
@@ -726,8 +727,9 @@ class _Trainer:
 
     def run(self) -> dict[str, list]:
         for epoch in range(self.start_epoch, self.epochs):
+            start = time.perf_counter()
             train_means, lr = self._train_epoch(epoch)
-            self._end_epoch(epoch, train_means, lr)
+            self._end_epoch(epoch, train_means, lr, time.perf_counter() - start)
         if self.ema is not None:
             self.module.load_state_dict(self.ema.module.state_dict())
         return self.history
@@ -810,8 +812,9 @@ def fit(
     therefore multiplied by N before the backward pass, so N processes on B images take the same step as one
     process on N·B, and the logged train terms are sums over those N·B images too. A mean needs no scaling.
 
-    The history maps ``epoch``, ``lr``, ``train/<term>``, ``val/<term>`` and ``metrics/<name>`` to one value
-    per epoch (None where not measured). ``max_steps_per_epoch`` caps the steps of an epoch (quick
+    The history maps ``epoch``, ``lr``, ``seconds`` (the wall time of the epoch's training pass),
+    ``train/<term>``, ``val/<term>`` and ``metrics/<name>`` to one value per epoch (None where not measured);
+    it is part of the checkpoint, so a resumed run's history still has every epoch's time. ``max_steps_per_epoch`` caps the steps of an epoch (quick
     experiments).
 
     ``bf16=True`` runs the training forward under bfloat16 autocast (convolutions in bf16, BatchNorm

@@ -157,7 +157,9 @@ def test_hooks_are_called_in_order_with_gradients_before_the_step(optimizer_step
         handle.remove()
     assert len(optimizer_steps) - optimizer_steps_seen == 8
     step_events = ["loss_terms", ("after_backward", 0, 2, True, True), "step"]
-    metric_names = sorted(["epoch", "lr", "train/obj", "train/cls", "train/head_l2", "train/total"])
+    metric_names = sorted(
+        ["epoch", "lr", "seconds", "train/obj", "train/cls", "train/head_l2", "train/total"]
+    )
     assert events == (
         step_events * 4
         + [("on_epoch_end", 0, metric_names)]
@@ -324,12 +326,21 @@ def test_interrupted_and_resumed_run_equals_straight_run_bit_for_bit(tmp_path, n
     straight_model, straight_hook, straight_history = straight
     with pytest.raises(Interrupted):
         resumable_run(tmp_path / "resumed", num_workers=num_workers, interrupt_at_call=6)  # epoch 1, 2nd step
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
+    interrupted = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert interrupted["epoch"] == 0
     resumed_model, resumed_hook, resumed_history = resumable_run(
         tmp_path / "resumed", num_workers=num_workers, resume=True
     )
 
-    assert resumed_history == straight_history
+    def untimed(history: dict) -> dict:
+        return {name: values for name, values in history.items() if name != "seconds"}
+
+    assert untimed(resumed_history) == untimed(straight_history)
+    # The epochs before the interruption keep the times the first run logged in its checkpoint.
+    before = interrupted["history"]["seconds"]
+    assert resumed_history["seconds"][: len(before)] == before
+    assert len(resumed_history["seconds"]) == len(straight_history["seconds"])
+    assert all(s > 0 for s in resumed_history["seconds"])
     assert resumed_hook.calls == straight_hook.calls == 16
     for name, value in straight_model.state_dict().items():
         assert torch.equal(value, resumed_model.state_dict()[name]), name
