@@ -135,7 +135,7 @@ def parse_args() -> argparse.Namespace:
         "--layout",
         choices=("channels_last", "contiguous"),
         default="channels_last",
-        help="memory order of the image batches (channels_last: a step a third faster on CPU, benchmarks/bench_layout.py)",
+        help="memory order of the image batches (channels_last is faster on CPU: benchmarks/bench_layout.py)",
     )
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
     parser.add_argument("--eval-images", type=int, default=None, help="score on the first N test images")
@@ -242,9 +242,8 @@ class Bench:
         lr = self.args.lr_sparse if stage == "sparse" else self.args.lr_recover
         out_dir = self.out / "fits" / name
         resume = (out_dir / "last.pt").is_file()
-        if (
-            resume
-        ):  # epochs an interrupted run trained: their time was never ticked into the stage's wall time
+        # Epochs an interrupted run trained: their time was never ticked into the stage's wall time.
+        if resume:
             earlier = json.loads((out_dir / "history.json").read_text()).get("seconds", [])
             self._tick -= sum(s for s in earlier if s is not None)
         history = fit(

@@ -432,8 +432,8 @@ class ModelFamily:
     :class:`gcp.adapters.ultralytics_pipeline.UltralyticsFamily`.
     """
 
-    #: Train and score on channels-last batches (a third faster on CPU, :func:`gcp.data.batch_to`): gcp's
-    #: detectors reshape rather than view their feature maps, so any memory order works (tests/test_train.py).
+    #: Train and score on channels-last batches (faster on CPU, :func:`gcp.data.batch_to`): gcp's detectors
+    #: reshape rather than view their feature maps, so any memory order works (tests/test_models.py).
     channels_last = True
 
     def __init__(self, config: ExperimentConfig) -> None:
