@@ -218,9 +218,9 @@ class Bench:
         wanted starts from it and its file is gone (the run directory is not committed: a later session on a
         fresh checkout has the measurements but not the models, and rebuilds only the chain a missing row
         needs)."""
-        if self.path(f"{name}.pt").is_file():
-            return False
-        return not self.done(name) or any(self.wanted(later) for later in FEEDS.get(name, ()))
+        if not self.done(name):
+            return True  # a model file without its measurement is scored (a finished fit resumes at once)
+        return not self.path(f"{name}.pt").is_file() and any(self.wanted(k) for k in FEEDS.get(name, ()))
 
     def rebuilt(self, key: str, model: nn.Module, minutes: float) -> None:
         """Record a model rebuilt after its measurement was made (see ``wanted``) apart from the measurement:
@@ -431,7 +431,8 @@ def prune_stage(bench: Bench) -> None:
         if not bench.path(source).is_file():
             print(f"prune {method}: {source} is not there yet (run its stage first); skipped", flush=True)
             continue
-        prune_with(bench, method, bench.path(source)).save(path)
+        if not path.is_file():
+            prune_with(bench, method, bench.path(source)).save(path)
         if bench.done(key):
             bench.rebuilt(key, load_model(path), 0.0)
             continue

@@ -24,7 +24,10 @@ def machine() -> str:
 
     cpu = cpu_name()
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, torch {torch.__version__}, no GPU"
+    # The vector unit torch's CPU kernels use: it sets both the speed and the float rounding of a run (two
+    # "AMD EPYC" machines, AVX2 and AVX-512, gave the same benchmark stage 1 different scores).
+    vector = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu} ({vector}), {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, torch {torch.__version__}, no GPU"
 
 
 def git_revision() -> str:
