@@ -59,6 +59,7 @@ UNROUNDED = 1
 BATCH = 32
 ROOT = ".data/digit_scenes"  # the teacher's data: 3,000 / 500 / 500, seed 0 (benchmarks/train_reference.py)
 JSON_OUT = Path(__file__).parent / "results" / "method_cpu.json"
+FIGURE = Path(__file__).parent / "figures" / "method_cpu_gammas.png"
 METHODS = ("gcp", "slim", "thinet", "tp_groupnorm", "tp_magnitude")
 #: Which models start from each model file (``Bench.wanted``); recovered rows start from ``pruned_<method>``.
 FEEDS: dict[str, tuple[str, ...]] = {
@@ -499,8 +500,27 @@ def recover_stage(bench: Bench) -> None:
 
 def report_stage(bench: Bench) -> None:
     """Write ``benchmarks/results/method_cpu.json`` and the RESULTS.md section from what has been measured
-    (with ``--out``: ``method_cpu.json`` and ``RESULTS_section.md`` in that directory instead)."""
+    (with ``--out``: ``method_cpu.json`` and ``RESULTS_section.md`` in that directory instead), and the γ
+    histograms of the stage-1 model against the teacher's, group by group (paper Fig. 9)."""
     write_report(bench)
+    if bench.path("sparse.pt").is_file():
+        plot_stage1_gammas(bench)
+
+
+def plot_stage1_gammas(bench: Bench) -> None:
+    from gcp import plots
+    from grouping import partition
+
+    teacher, sparse = load_model(SHIPPED_TEACHER), load_model(bench.path("sparse.pt"))
+    groups = partition(teacher, bench.example)
+    path = bench.path("gammas.png") if bench.args.out else FIGURE
+    plots.plot_gamma_histograms(
+        plots.gammas_by_group(teacher, groups),
+        plots.gammas_by_group(sparse, groups),
+        path,
+        title=f"|γ| per group: shipped teacher (before) and the benchmark's stage 1 (after), seed {bench.args.seed}",
+    )
+    print(f"[{now()}] wrote {path}", flush=True)
 
 
 STAGES: dict[str, Callable[[Bench], None]] = {
@@ -665,6 +685,8 @@ def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
         f" {f(t9['sparse_constant'])} / {f(t9['table9_sparse_constant_pruned'])} (paper: 79.8 vs 71.2 after fine-tuning).",
         f"Table 10 (before recovery, same MACs): group thresholds (gcp) {f(payload['table10']['gcp'])}, one global"
         f" threshold (slim) {f(payload['table10']['slim'])}.",
+        "",
+        f"Stage 1's |γ| per group against the teacher's: `benchmarks/figures/{FIGURE.name}` (the report stage).",
     ]
     return "\n".join(lines)
 
