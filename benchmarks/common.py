@@ -27,7 +27,9 @@ def machine() -> str:
     # The vector unit torch's CPU kernels use: it sets both the speed and the float rounding of a run (two
     # "AMD EPYC" machines, AVX2 and AVX-512, gave the same benchmark stage 1 different scores).
     vector = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu} ({vector}), {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, torch {torch.__version__}, no GPU"
+    return (
+        f"{cpu} ({vector}), {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, torch {torch.__version__}, no GPU"
+    )
 
 
 def git_revision() -> str:
