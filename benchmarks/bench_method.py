@@ -19,7 +19,7 @@ result is there, and every training stage resumes its last epoch checkpoint, so 
 across sessions: run the same command again. ``--stages`` runs a subset (in order). ``--seed`` changes data
 order and augmentation (the data set and the teacher stay the same).
 
-    python benchmarks/bench_method.py                # everything: over 150 min on 2 CPU cores (RESULTS.md)
+    python benchmarks/bench_method.py                # everything: 134 min on 2 AVX-512 cores, ~215 on AVX2 ones
     python benchmarks/bench_method.py --stages sparse prune    # a part
 """
 
