@@ -227,9 +227,9 @@ class Bench:
         """Record a model rebuilt after its measurement was made (see ``wanted``) apart from the measurement:
         its score shows whether the rebuild reproduced the recorded model (same seed and settings; on the same
         machine it should), and its time is redone work, kept out of the command's wall time."""
-        metrics = evaluate(model, self.test, batch_size=16, progress=False, channels_last=self.channels_last)
+        metrics = self.measure(model)
         recorded = self.results[key]
-        same_shape = count_macs_params(model, self.example) == (recorded["macs"], recorded["params"])
+        same_shape = (metrics["macs"], metrics["params"]) == (recorded["macs"], recorded["params"])
         self.results.setdefault("rebuilt", {})[key] = {
             "map50": metrics["map50"],
             "recorded_map50": recorded["map50"],
@@ -258,23 +258,16 @@ class Bench:
         self.tick()
         print(f"[{now()}] {key}: {json.dumps(value)[:300]}", flush=True)
 
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """mAP of ``model`` on the test split, with its MACs and params."""
+        metrics = evaluate(model, self.test, batch_size=16, progress=False, channels_last=self.channels_last)
+        macs, params = count_macs_params(model, self.example)
+        return {"map50": metrics["map50"], "map": metrics["map"], "macs": macs, "params": params}
+
     def score(self, key: str, model: nn.Module, extra: dict | None = None) -> dict[str, Any]:
-        """mAP of ``model`` on the test split (cached under ``key``), with its params and MACs."""
+        """``measure`` ``model`` and record it under ``key`` (once: a recorded key is not measured again)."""
         if not self.done(key):
-            metrics = evaluate(
-                model, self.test, batch_size=16, progress=False, channels_last=self.channels_last
-            )
-            macs, params = count_macs_params(model, self.example)
-            self.record(
-                key,
-                {
-                    "map50": metrics["map50"],
-                    "map": metrics["map"],
-                    "macs": macs,
-                    "params": params,
-                    **(extra or {}),
-                },
-            )
+            self.record(key, {**self.measure(model), **(extra or {})})
         return self.results[key]
 
     def train_model(
@@ -428,7 +421,7 @@ def prune_stage(bench: Bench) -> None:
         if not bench.wanted(key):
             continue
         path = bench.path(f"{key}.pt")
-        source = {"tp_groupnorm": "tp_sparse.pt", "tp_magnitude": "dense_e1.pt"}.get(method, "sparse.pt")
+        source = f"{source_of(key)}.pt"
         if not bench.path(source).is_file():
             print(f"prune {method}: {source} is not there yet (run its stage first); skipped", flush=True)
             continue
@@ -447,6 +440,11 @@ def prune_stage(bench: Bench) -> None:
                 "groups": {g["name"]: round(g["ratio"], 4) for g in report.get("groups", [])},
             },
         )
+
+
+def source_of(key: str) -> str:
+    """The model ``key`` starts from (``FEEDS`` read backwards)."""
+    return next(name for name, later in FEEDS.items() if key in later)
 
 
 def prune_with(bench: Bench, method: str, source: Path) -> Any:
