@@ -70,7 +70,7 @@ def attention_terms(
     betas: Sequence[float],
     *,
     p: float = 2.0,
-    distance: AttentionDistance = "mean_squared",
+    distance: AttentionDistance = "squared",
     resize: str | None = None,
     names: Sequence[str] | None = None,
 ) -> torch.Tensor:

@@ -83,13 +83,15 @@ def coupled_scores(
 
     ``values[i][j]`` is layer i's score for its channel j, which is root channel ``roots[i][j]``; a score below
     1 means "remove" for that layer. ``vote`` gives the fraction of layers saying keep (§4.2.3), ``mean`` and
-    ``max`` the mean or max score. Root channels no layer covers get 0.
+    ``max`` the mean or max score. Root channels no layer covers get 0. Computed in float64, the precision of
+    :func:`gcp.prune.gamma_scores`' tie-break.
     """
-    total = torch.zeros(n)
-    count = torch.zeros(n)
-    best = torch.zeros(n)
+    total = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+    best = torch.zeros(n, dtype=torch.float64)
     for value, root in zip(values, roots):
-        total.index_add_(0, root, (value >= 1.0).float() if reduction == "vote" else value)
+        value = value.double()
+        total.index_add_(0, root, (value >= 1.0).double() if reduction == "vote" else value)
         count.index_add_(0, root, torch.ones_like(value))
         best.scatter_reduce_(0, root, value, reduce="amax")
     if reduction == "max":

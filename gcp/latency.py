@@ -20,9 +20,9 @@ the channels go (issue 14). ``prune_detector(budget="latency")`` therefore bisec
   its per-layer savings only.
 
 The table is cached as JSON under :func:`cache_dir` (``latency_cache=``, else ``$GCP_CACHE_DIR/latency``,
-else ``~/.cache/gcp/latency``), one file per :func:`table_key`: the architecture (module types and parameter
-shapes), the input shape, the runtime, its version, its threads and the device, so a second pruning of the same
-network measures nothing. Writes are atomic.
+else ``~/.cache/gcp/latency``), one file per :func:`table_key`: the architecture (module types, settings and parameter
+shapes), the traced conv calls and forward, the input shape, the runtime, its version, its threads and the
+device, so a second pruning of the same network measures nothing and another network never reuses its times. Writes are atomic.
 
 Timers (:class:`OnnxRuntimeTimer`, :class:`TensorRTTimer`, or any object with the :class:`LatencyTimer`
 methods, e.g. a fake one in tests) do the measuring. :func:`profile_onnxruntime` is the other tool here: ONNX
@@ -304,14 +304,18 @@ class LatencyTable:
 
 
 def architecture_signature(model: nn.Module) -> str:
-    """Digest of the module tree: names, types and the shapes of parameters and buffers (not their values).
+    """Digest of the module tree: names, types, each module's settings as it prints them (``extra_repr``:
+    a conv's stride, padding, dilation and groups, a pooling's window, an activation's slope) and the shapes of
+    parameters and buffers (not their values).
 
-    Equal for two copies of one architecture whatever their weights; different as soon as a layer changes.
+    Equal for two copies of one architecture whatever their weights; different as soon as a layer changes,
+    including a change that keeps every shape (a stride-2 conv in place of a stride-1 one).
     """
     parts = [
         [
             name,
             type(module).__name__,
+            module.extra_repr(),
             [list(t.shape) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))],
         ]
         for name, module in model.named_modules()
@@ -319,12 +323,44 @@ def architecture_signature(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
-def table_key(model: nn.Module, input_shape: Sequence[int], timer: LatencyTimer) -> str:
-    """The cache key of ``model``'s table: architecture, input shape, runtime, version, threads, device."""
+def forward_signature(network: nn.Module) -> str:
+    """Names what computes the timed network: the model's class and ``forward_fn`` (a :class:`TracedNetwork`'s),
+    each by module and qualified name, so two forwards over one module tree get two tables."""
+    model = getattr(network, "model", network)
+    forward_fn = getattr(network, "forward_fn", None)
+    parts = [f"{type(model).__module__}.{type(model).__qualname__}"]
+    if forward_fn is not None:
+        parts.append(
+            f"{getattr(forward_fn, '__module__', '?')}.{getattr(forward_fn, '__qualname__', repr(forward_fn))}"
+        )
+    return "|".join(parts)
+
+
+def _call_key(spec: ConvSpec) -> str:
+    """A conv call's geometry without its grid: layers held whole change grids, not the network that is timed
+    (those entries are measured on their own, under the spec's full key)."""
+    call = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("in_grid", "out_grid")}
+    return json.dumps(call, sort_keys=True, separators=(",", ":"))
+
+
+def table_key(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    timer: LatencyTimer,
+    specs: Mapping[str, Sequence[ConvSpec]] | None = None,
+    forward: str = "",
+) -> str:
+    """The cache key of ``model``'s table: everything its times depend on. The architecture (with every
+    module's settings), the input shape, the runtime, its version, threads and device, the traced conv calls
+    (``specs``: each call's input size, stride, padding, dilation and activation, as the forward ran them) and
+    the forward itself (:func:`forward_signature`). A key missing one of these let a stride-2 network reuse a
+    stride-1 network's whole-network time."""
     fields = {
         "format": FORMAT,
         "architecture": architecture_signature(model),
         "input_shape": [int(d) for d in input_shape],
+        "calls": {name: sorted(_call_key(s) for s in calls) for name, calls in sorted((specs or {}).items())},
+        "forward": forward,
         **timer.describe(),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -380,7 +416,7 @@ def latency_table(
             "budget='latency' predicts time from the network's Conv2d layers, and this one has none; "
             "use budget='macs' or 'params'"
         )
-    key = table_key(model, images.shape, timer)
+    key = table_key(model, images.shape, timer, specs, forward_signature(network))
     path = cache_dir(latency_cache) / f"{key}.json"
     stored = _read_cache(path, key)
     entries: dict[str, Any] = dict(stored.get("entries", {}))
@@ -671,6 +707,8 @@ class TensorRTTimer(_RuntimeTimer):
 
 
 RUNTIMES = ("onnxruntime", "tensorrt")
+# What a timer's describe() must name: the latency cache key and the prune report are built from them.
+TIMER_KEYS = ("runtime", "version", "threads", "device")
 
 
 def resolve_timer(latency: str | LatencyTimer | None) -> LatencyTimer:
@@ -690,6 +728,13 @@ def resolve_timer(latency: str | LatencyTimer | None) -> LatencyTimer:
     align = getattr(latency, "align", None)
     if not isinstance(align, int) or align < 1:
         raise ValueError(f"the latency timer's align must be a positive integer, got {align!r}")
+    described = latency.describe()
+    missing = [key for key in TIMER_KEYS if not isinstance(described, Mapping) or key not in described]
+    if missing:
+        raise ValueError(
+            f"the latency timer's describe() must name {', '.join(TIMER_KEYS)} (the cache key and the report "
+            f"use them); {type(latency).__name__}.describe() lacks {', '.join(missing)}"
+        )
     return latency
 
 

@@ -47,7 +47,6 @@ from .latency import (
     LatencyTimer,
     TracedNetwork,
     cache_dir,
-    channel_block,
     conv_specs,
     latency_table,
     resolve_timer,
@@ -228,25 +227,52 @@ def _check_round_to(units: Sequence[Unit], round_to: int | None) -> list[str]:
     return small
 
 
-def _resolve_round_to(
-    units: Sequence[Unit], round_to: int | None, timer: LatencyTimer | None
-) -> tuple[int | None, list[str]]:
+# The multiple kept channel counts are rounded to when the caller names none and no runtime is timed: the
+# deployment target's, never this CPU's, so the same call gives the same architecture on every machine. 8 is
+# TensorRT's tensor-core multiple and ONNX Runtime's NCHWc block on AVX2 CPUs (16 on AVX-512, where a multiple
+# of 8 still runs, in a half-used block): it serves the common edge targets.
+DEFAULT_ROUND_TO = 8
+
+
+@dataclass(frozen=True)
+class _Rounding:
+    """The channel multiple kept layers are rounded to (None: no rounding), the layers left whole as smaller
+    than it, and why this multiple (the report's ``round_to.source``)."""
+
+    multiple: int | None
+    left_whole: list[str]
+    source: str
+
+    def report(self) -> dict[str, Any] | None:
+        if self.multiple is None:
+            return None
+        return {"multiple": self.multiple, "left_whole": self.left_whole, "source": self.source}
+
+
+def _resolve_round_to(units: Sequence[Unit], round_to: int | None, timer: LatencyTimer | None) -> _Rounding:
     """The channel multiple kept layers are rounded to, and the layers left whole as smaller than it.
 
-    ``round_to=None`` (the default) is the runtime's channel block: the latency timer's ``align``, else
-    ONNX Runtime's CPU block on this machine (:func:`gcp.latency.channel_block`: 8, 16 with AVX-512; 8 is also
-    TensorRT's tensor-core multiple). Measured on YOLOv8n at 40 % of its MACs (docs/design.md, "Latency"): an
+    Unrounded cuts buy little time: measured on YOLOv8n at 40 % of its MACs (docs/design.md, "Latency"), an
     unrounded cut buys 0.06–0.57 of its MACs cut in ONNX Runtime time, rounded to 8 0.83–0.89, because convs
-    whose channels are off the block leave the blocked layout. Layers smaller than the default multiple are
-    left whole without a warning (the report lists them), and a model whose every layer is smaller is not
-    rounded; an explicit ``round_to`` warns and refuses as :func:`_check_round_to` says.
+    whose channels are off the block leave the blocked layout. So ``round_to=None`` (the default) rounds to
+    :data:`DEFAULT_ROUND_TO`, a fixed deployment multiple, except with ``budget="latency"``, where the user
+    asked for a runtime timed here and its own ``align`` is used (ONNX Runtime on this CPU: 8, or 16 with
+    AVX-512). Layers smaller than the default multiple are left whole without a warning (the report lists
+    them), and a model whose every layer is smaller is not rounded; an explicit ``round_to`` warns and refuses
+    as :func:`_check_round_to` says.
     """
     if round_to is not None:
-        return round_to, _check_round_to(units, round_to)
-    multiple = timer.align if timer is not None else channel_block()
+        source = "round_to=1: no rounding" if round_to == 1 else f"round_to={round_to} (given)"
+        return _Rounding(round_to, _check_round_to(units, round_to), source)
+    if timer is not None:
+        multiple = timer.align
+        source = f"the channel block of the timed runtime ({timer.describe()['runtime']}), on this machine"
+    else:
+        multiple = DEFAULT_ROUND_TO
+        source = f"default: {DEFAULT_ROUND_TO}, TensorRT's and ONNX Runtime's (AVX2) channel multiple"
     if not units or all(u.size < multiple for u in units):
-        return None, []
-    return multiple, [u.root_name for u in units if u.size < multiple]
+        return _Rounding(None, [], f"{source}; every prunable layer is smaller, so none is rounded")
+    return _Rounding(multiple, [u.root_name for u in units if u.size < multiple], source)
 
 
 def _give_back(prune: torch.Tensor, rank: torch.Tensor, candidates: torch.Tensor, count: int) -> None:
@@ -562,30 +588,30 @@ def gamma_scores(graph: Any, norms: Mapping[str, nn.Module]) -> dict[str, torch.
     """|γ| of every BatchNorm channel, with ties broken deterministically by the producing conv's filter norm.
 
     A freshly built model has every γ = 1, and a quantile of tied values cannot separate them: a threshold
-    then removes all or nothing (0 % for any ratio). We add δ · r to |γ|, where r ∈ (0, 1] is the channel's
-    rank, inside its layer, by the L2 norm of the conv filter that produces it (channel index where that ties
-    too) and δ is below a quarter of the smallest gap between distinct |γ|, so the |γ| order itself is never
-    changed. With all γ tied, a global threshold then removes the same fraction of every layer, weakest
-    filters first.
+    then removes all or nothing (0 % for any ratio). We add δ_v · r to each |γ| = v, where r ∈ (0, 1] is the
+    channel's rank, inside its layer, by the L2 norm of the conv filter that produces it (channel index where
+    that ties too), and δ_v is a quarter of the gap from v to the next larger distinct |γ| in the model (at most
+    1e-6 of the largest), so the |γ| order itself is never changed. The scores are float64 and δ is taken per
+    value: a single global δ below the model's smallest gap fell under float32's rounding step as soon as two
+    γ anywhere were one float32 step apart, and tied layers collapsed to one value again. With all γ tied, a
+    global threshold then removes the same fraction of every layer, weakest filters first.
     """
-    gammas = {n: m.weight.detach().abs().float().cpu() for n, m in norms.items()}
+    gammas = {n: m.weight.detach().abs().double().cpu() for n, m in norms.items()}
     if not gammas:
         return {}
-    flat = torch.cat(list(gammas.values()))
-    distinct = torch.unique(flat)
-    gaps = distinct[1:] - distinct[:-1]
-    top = float(flat.max()) if flat.numel() else 0.0
-    delta = 1e-6 * max(top, 1e-12)
-    if gaps.numel():
-        delta = min(delta, float(gaps.min()) / 4.0)
+    distinct = torch.unique(torch.cat(list(gammas.values())))  # sorted
+    cap = 1e-6 * max(float(distinct[-1]), 1e-12)
+    gap_above = torch.cat([distinct[1:] - distinct[:-1], torch.tensor([4 * cap], dtype=torch.float64)])
+    delta_of_value = torch.clamp(gap_above / 4.0, max=cap)
     scores = {}
     for name, gamma in gammas.items():
         secondary = _producer_filter_norms(graph, norms[name])
         if secondary is None or secondary.numel() != gamma.numel():
             secondary = torch.arange(gamma.numel(), dtype=torch.float32)
         order = torch.sort(secondary, stable=True).indices
-        rank = torch.empty(gamma.numel())
-        rank[order] = torch.arange(1, gamma.numel() + 1, dtype=torch.float32) / gamma.numel()
+        rank = torch.empty(gamma.numel(), dtype=torch.float64)
+        rank[order] = torch.arange(1, gamma.numel() + 1, dtype=torch.float64) / gamma.numel()
+        delta = delta_of_value[torch.searchsorted(distinct, gamma)]
         scores[name] = gamma + delta * rank
     return scores
 
@@ -859,6 +885,8 @@ def _remove(graph: Any, units: Sequence[Unit], masks: Sequence[torch.Tensor]) ->
 # to the request) a measured cut must come to stop early.
 LATENCY_CHECKS = 2
 LATENCY_TOLERANCE = 0.02
+# The most one correction may multiply (or divide) the share asked of the latency table by.
+MAX_SHARE_STEP = 2.0
 
 
 def _timed_network(model: nn.Module, options: Mapping[str, Any]) -> nn.Module:
@@ -885,18 +913,35 @@ def _measured_cut(base: nn.Module, pruned: nn.Module, images: torch.Tensor, time
     return 1.0 - pruned_ms / base_ms
 
 
-def _final_share(trials: Sequence[Mapping[str, float]], target: float) -> tuple[float, float]:
-    """The share to prune at and its expected measured cut: interpolated between the two trials that bracket
-    ``target`` (measured cut grows with the share), else the trial that came closest."""
+def _final_share(trials: Sequence[Mapping[str, float]], target: float) -> tuple[float, float | None]:
+    """The share to prune at and the measured cut of a trial at exactly that share (None when the share is
+    interpolated between the two trials that bracket ``target`` and still has to be timed), else the trial that
+    came closest."""
     below = [t for t in trials if t["measured_cut"] <= target]
     above = [t for t in trials if t["measured_cut"] > target]
     if below and above:
         low = max(below, key=lambda t: t["measured_cut"])
         high = min(above, key=lambda t: t["measured_cut"])
         weight = (target - low["measured_cut"]) / (high["measured_cut"] - low["measured_cut"])
-        return low["share"] + weight * (high["share"] - low["share"]), target
+        return low["share"] + weight * (high["share"] - low["share"]), None
     best = min(trials, key=lambda t: abs(t["measured_cut"] - target))
     return best["share"], best["measured_cut"]
+
+
+def _corrected_share(share: float, target: float, measured: float) -> float | None:
+    """The next share to try, scaled by target / measured but by no more than :data:`MAX_SHARE_STEP` either
+    way (a noisy measurement of a small cut must not send the next trial to 0.999); None when the measured cut
+    is not a saving at all, which no scaling can correct (the timing noise exceeds the cut)."""
+    if measured <= 0:
+        warnings.warn(
+            f"budget='latency': a copy pruned at {share:.3f} of the predicted time measured {measured:+.3f} of "
+            "the base's time saved (no saving: timing noise exceeds the cut on this machine); the table's share "
+            "is not corrected further",
+            stacklevel=4,
+        )
+        return None
+    factor = min(max(target / measured, 1.0 / MAX_SHARE_STEP), MAX_SHARE_STEP)
+    return min(share * factor, PRUNE_RATIO.high - 1e-3)
 
 
 def _prune_to_measured_latency(
@@ -906,16 +951,18 @@ def _prune_to_measured_latency(
 
     The table sums layers timed alone plus a fixed remainder; in the whole network the cut it predicts was off
     by 8–14 % of the request in a run without checks (docs/design.md, "Latency": layout reorders and the other
-    ops between convs shrink with the channels too). So a copy is pruned at the share asked of the table, timed against the base
-    (:func:`_measured_cut`), and the share is scaled by target / measured, up to ``checks`` times or until a
-    measured cut is within :data:`LATENCY_TOLERANCE` of ``target``; ``model`` is then pruned at the share
-    :func:`_final_share` picks from the trials. The report keeps the request, the trials and the cut expected
-    (``latency.expected_cut``: a trial's measurement, or the request where two trials bracket it).
+    ops between convs shrink with the channels too). So a copy is pruned at the share asked of the table, timed
+    against the base (:func:`_measured_cut`), and the share is corrected (:func:`_corrected_share`), up to
+    ``checks`` times or until a measured cut is within :data:`LATENCY_TOLERANCE` of ``target``; ``model`` is
+    then pruned at the share :func:`_final_share` picks from the trials, and timed too when that share is one
+    no trial measured. The report keeps the request, the trials and ``latency.measured_cut``, always a
+    measurement of the returned architecture.
     """
     images = first_image_tensor(example_inputs)
     base = _timed_network(copy.deepcopy(model), options)
-    share, trials = target, []
-    for _ in range(checks):
+    share: float | None = target
+    trials: list[dict[str, float]] = []
+    while share is not None and len(trials) < checks:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the final pruning below says what applies
             trial = prune_detector(
@@ -923,13 +970,22 @@ def _prune_to_measured_latency(
             )
         measured = _measured_cut(base, _timed_network(trial.model, options), images, options["latency"])
         trials.append({"share": share, "predicted_cut": trial.report["achieved"], "measured_cut": measured})
-        if abs(measured - target) <= LATENCY_TOLERANCE * target or measured <= 0:
+        if abs(measured - target) <= LATENCY_TOLERANCE * target:
             break
-        share = min(share * target / measured, PRUNE_RATIO.high - 1e-3)
-    share, expected = _final_share(trials, target)
-    result = prune_detector(model, example_inputs, ratio=share, latency_checks=0, **options)
+        share = _corrected_share(share, target, measured)
+    final_share, measured = _final_share(trials, target)
+    result = prune_detector(model, example_inputs, ratio=final_share, latency_checks=0, **options)
+    if measured is None:
+        pruned = _timed_network(copy.deepcopy(result.model), options)
+        measured = _measured_cut(base, pruned, images, options["latency"])
     result.report["requested"] = target
-    result.report["latency"].update(expected_cut=expected, checks=trials)
+    result.report["latency"].update(measured_cut=measured, checks=trials)
+    if abs(measured - target) > LATENCY_TOLERANCE * target:
+        warnings.warn(
+            f"budget='latency': the pruned model measured {measured:.3f} of the base's time saved, "
+            f"{measured - target:+.3f} from the requested {target:.3f}",
+            stacklevel=3,
+        )
     return result
 
 
@@ -978,9 +1034,10 @@ def prune_detector(
     ``"onnxruntime"``, the default, ``"tensorrt"``, or a :class:`gcp.latency.OnnxRuntimeTimer` with its threads)
     and cached on disk (``latency_cache``: a folder, default ``$GCP_CACHE_DIR/latency`` or
     ``~/.cache/gcp/latency``), so the first call on an architecture takes minutes and later ones none; see
-    :mod:`gcp.latency` for the model (its predictions hold at the runtime's channel multiples). For
-    every budget ``round_to`` defaults to the runtime's channel block (8, or 16 on AVX-512 CPUs), without which
-    a MACs cut buys little time (:func:`_resolve_round_to`); ``round_to=1`` does not round. A layer with fewer
+    :mod:`gcp.latency` for the model (its predictions hold at the runtime's channel multiples). Kept channel
+    counts are rounded by default to :data:`DEFAULT_ROUND_TO` (8), the deployment multiple, whatever CPU runs
+    the call; with ``budget="latency"`` to the timed runtime's own block (:func:`_resolve_round_to`);
+    ``round_to=N`` sets it and ``round_to=1`` does not round. A layer with fewer
     channels than ``round_to`` is left whole and named in the report (``round_to``) and, when ``round_to`` was
     given, in a warning.
 
@@ -1037,7 +1094,8 @@ def prune_detector(
             if timer is None
             else _latency_table(model, example_inputs, forward_fn, traced, units, timer, latency_cache)
         )
-        round_to, too_small = _resolve_round_to(units, round_to, timer)
+        rounding = _resolve_round_to(units, round_to, timer)
+        round_to = rounding.multiple
         batch = first_image_tensor(example_inputs).shape[0]
         macs = sum(seen.macs.values()) / batch
         params = float(sum(p.numel() for p in model.parameters()))
@@ -1082,7 +1140,7 @@ def prune_detector(
             groups=part,
             thresholds=thresholds,
             bn_free=without_bn,
-            round_to={"multiple": round_to, "left_whole": too_small} if round_to else None,
+            round_to=rounding.report(),
             latency=_latency_report(table, measure.fraction(masks, "latency")) if table is not None else None,
         )
     except BaseException:

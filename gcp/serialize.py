@@ -24,13 +24,12 @@ size of the base network) is bounded by :mod:`gcp.limits` and checked before any
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import io
 import json
 import math
-import pickle
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,7 @@ from torch import nn
 from grouping.trace import ForwardFn
 
 from .graph import build_graph
-from .io import atomic_torch_save, atomic_write_bytes
+from .io import ModelFileError, atomic_torch_save, atomic_write_bytes, one_line, read_torch_dict
 from .limits import (
     MAX_ANCHOR_VALUES,
     MAX_BASE_PARAMETERS,
@@ -55,18 +54,6 @@ if TYPE_CHECKING:
 
 FORMAT = "gcp.pruned/1"
 DENSE_KEYS = frozenset({"builder", "state_dict"})
-
-
-class ModelFileError(ValueError):
-    """A model file cannot be used. The message is one line naming the file and what is wrong with it, so the
-    command line can show it as it is (a ValueError, as the loader raised before this class existed)."""
-
-
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """The first line of an error's message, shortened: what a one-line report can quote of a library's
-    error (torch's unpickling errors run over a dozen lines)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _digest(meta: str, state: dict[str, torch.Tensor]) -> str:
@@ -115,34 +102,6 @@ def save_model(model: nn.Module, path: str | Path, map50: float | None = None) -
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def _read_payload(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a model file, with each way it can fail told in one line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refused an object: pickled code, which gcp never writes
-        raise ModelFileError(
-            f"{path}: not a gcp model file: it holds pickled Python objects, which gcp never loads "
-            "(torch.load(weights_only=True) refuses them)"
-        ) from None
-    except Exception as error:  # noqa: BLE001 (torch raises RuntimeError, EOFError, ...; all mean unreadable)
-        if path.stat().st_size == 0:
-            problem = "empty file"
-        elif not zipfile.is_zipfile(path):
-            problem = (
-                f"truncated or not a PyTorch file ({path.stat().st_size} bytes, no complete zip archive)"
-            )
-        else:
-            problem = f"damaged PyTorch file ({one_line(error)})"
-        raise ModelFileError(f"{path}: cannot read the model file: {problem}") from None
-    if not isinstance(payload, dict):
-        raise ModelFileError(
-            f"{path}: not a gcp model file (it holds a {type(payload).__name__}, not a dict)"
-        )
-    return payload
-
-
 def _pruned_parts(payload: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The checked description and weights of a pruned checkpoint's payload."""
     if payload.get("format") != FORMAT:
@@ -173,7 +132,7 @@ def read_pruned(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     """Read a pruned checkpoint and run its corruption check; returns (description, state_dict). Raises
     ModelFileError (a ValueError) when the file is unreadable, not a pruned checkpoint or damaged."""
     path = Path(path)
-    return _pruned_parts(_read_payload(path), path)
+    return _pruned_parts(read_torch_dict(path, "model file"), path)
 
 
 def load_pruned(
@@ -186,7 +145,8 @@ def load_pruned(
     """Rebuild a pruned model: replay the saved pruning history onto ``base`` and load the weights.
 
     ``base`` is a freshly built, unpruned model of the same architecture; it may be omitted for models built by
-    ``gcp.models`` (their builder and arguments are recorded). A model pruned through an adapter
+    ``gcp.models`` (their builder and arguments are recorded). ``base`` itself is never modified: the pruning
+    is replayed on a copy, which is returned, so a file that does not fit leaves it as it was. A model pruned through an adapter
     (:mod:`gcp.adapters`) gets the same rewrite and tracing here. Returns the model in eval mode with outputs
     bit-identical to the saved one. A file from another architecture, a damaged one, or one whose description
     asks for more than :mod:`gcp.limits` allows raises ModelFileError naming the file and the problem.
@@ -200,7 +160,7 @@ def load_model(path: str | Path) -> nn.Module:
     """Any gcp model file, pruned checkpoint or dense model, as an eval-mode model: what every command that
     takes a model file reads it with, so that each reports a bad file the same way (ModelFileError)."""
     path = Path(path)
-    payload = _read_payload(path)
+    payload = read_torch_dict(path, "model file")
     if payload.get("format") == FORMAT:
         return _rebuild_pruned(*_pruned_parts(payload, path), path)
     if not set(payload) >= DENSE_KEYS:
@@ -375,7 +335,11 @@ def _rebuild_pruned(
     if example_inputs is None:
         example_inputs = torch.zeros(_check_input_shape(meta["input_shape"], path))
     architecture = "the given base model"
-    if base is None:
+    if base is not None:
+        # Replayed on a copy: a file that turns out not to fit (checked only while the history is replayed and
+        # the weights loaded) must leave the caller's model as it was, not half pruned.
+        base = copy.deepcopy(base)
+    else:
         builder = meta.get("builder")
         if not builder:
             raise ModelFileError(

@@ -42,11 +42,22 @@ Two mechanisms apply that schedule (``docs/design.md``, "Sparse training", has t
   trains the network with the chosen channels at zero, so it has adapted to their loss before stage 2 removes
   them. This is the growing regularisation of Wang et al. 2021 (pick the channels first, then raise their
   penalty until they vanish) with a Taylor criterion; ``s``, ``protect``, ``decay`` and ``lr`` do not apply.
+
+Every mechanism leaves a γ that does not train (``requires_grad=False``, e.g. a layer frozen by Ultralytics'
+``freeze=``) alone: the user froze it to keep it as it is, and a penalty it cannot answer with its data gradient
+would only destroy it. Such layers are not penalised, ranked, scored or chosen; they are checked at every step,
+since trainers freeze layers after the hook is built.
+
+An average of the weights (an EMA) has no exact zeros where the trained weights have them, so a stage-1 model
+saved from one hands pruning dense γ. :meth:`DynamicSparsity.save_history` therefore records the γ the model holds
+when it is called, after training (the weights the trainer returned and saved), and warns when they lost the
+exact zeros the training reached.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,9 +106,9 @@ class DynamicSparsity:
     Network Slimming sparse training.
 
     ``follow_schedule=True`` scales ``lr`` (data step and push alike) by the trainer's lr schedule (``on_lr``,
-    called by ``gcp.train.fit`` every step): channels are then cut while the rest of the network still learns
-    fast enough to take over their work, and the last, small steps let it settle. With a constant γ lr the
-    cuts keep coming while a cosine schedule has nearly stopped the network.
+    called every step by ``gcp.train.fit`` and by the Ultralytics adapter): channels are then cut while the rest
+    of the network still learns fast enough to take over their work, and the last, small steps let it settle.
+    With a constant γ lr the cuts keep coming while a cosine schedule has nearly stopped the network.
 
     ``mechanism="selective"`` (module docstring) needs the trainer's ``on_step(step, total_steps)`` (``gcp.train.fit``
     and the Ultralytics adapter call it): ``target`` share of the channels, chosen after ``score_share`` of the
@@ -208,13 +219,19 @@ class DynamicSparsity:
         """True once ``epoch`` (0-based) has reached ``switch_at`` of the run."""
         return self.switch_at < 1.0 and epoch >= self.switch_at * total_epochs
 
+    def trained(self) -> dict[str, nn.Module]:
+        """The penalised BatchNorm layers whose γ trains now (``requires_grad``): the only ones the hook acts on
+        (module docstring: frozen γ are left alone)."""
+        return {n: m for n, m in self.norms.items() if m.weight.requires_grad}
+
     def _rank_protected(self) -> dict[str, torch.Tensor]:
-        """Boolean masks of exactly the ``protect`` fraction of channels with the largest |γ|, model-wide.
+        """Boolean masks of exactly the ``protect`` fraction of the trained channels with the largest |γ|,
+        model-wide.
 
         Ties at the cut-off are broken by position (``torch.topk`` on a stable sort), so a model whose γ are
         all equal still protects exactly k channels, not all of them.
         """
-        gammas = {n: m.weight.detach().abs().flatten().float().cpu() for n, m in self.norms.items()}
+        gammas = {n: m.weight.detach().abs().flatten().float().cpu() for n, m in self.trained().items()}
         flat = torch.cat(list(gammas.values()))
         k = int(round(self.protect * flat.numel()))
         chosen = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -228,14 +245,16 @@ class DynamicSparsity:
         return masks
 
     def rates(self, epoch: int, total_epochs: int) -> dict[str, torch.Tensor]:
-        """Per-channel sparsity rate of every layer at ``epoch``: s, or s·decay for protected channels."""
+        """Per-channel sparsity rate of every trained layer (:meth:`trained`) at ``epoch``: s, or s·decay for
+        protected channels."""
+        trained = self.trained()
         if not self.switched(epoch, total_epochs):
-            return {n: torch.full((m.num_features,), self.s) for n, m in self.norms.items()}
+            return {n: torch.full((m.num_features,), self.s) for n, m in trained.items()}
         if self._protected_epoch != epoch:  # re-rank once per epoch
             self._protected = self._rank_protected()
             self._protected_epoch = epoch
         low = self.s * self.decay
-        return {n: torch.where(self._protected[n], low, self.s) for n in self.norms}
+        return {n: torch.where(self._protected[n], low, self.s) for n in trained}
 
     @torch.no_grad()
     def step(self, epoch: int, total_epochs: int) -> None:
@@ -296,7 +315,7 @@ class DynamicSparsity:
         return score_end, max(score_end + 1, round(self.switch_at * total))
 
     def _accumulate_scores(self) -> None:
-        for name, norm in self.norms.items():
+        for name, norm in self.trained().items():
             weight = norm.weight
             grad = (
                 weight.grad.detach().float() if weight.grad is not None else torch.zeros_like(weight.float())
@@ -315,10 +334,12 @@ class DynamicSparsity:
         }
 
     def _choose(self) -> None:
-        """The ``target`` share of all channels with the lowest importance (with ``costs``: the channels with the
-        lowest importance per cost until they hold ``target`` of the total cost), at most ``max_layer_share``
-        of each layer (ties by position), as boolean masks; their γ now are the ramp's starting values."""
-        importance = self.importance()
+        """The ``target`` share of all trained channels with the lowest importance (with ``costs``: the channels
+        with the lowest importance per cost until they hold ``target`` of the trained channels' cost), at most
+        ``max_layer_share`` of each layer (ties by position), as boolean masks; their γ now are the ramp's
+        starting values."""
+        trained = self.trained()
+        importance = {n: v for n, v in self.importance().items() if n in trained}
         names = list(importance)
         flat = torch.cat([importance[n] for n in names])
         layer = torch.cat([torch.full((importance[n].numel(),), i) for i, n in enumerate(names)])
@@ -384,7 +405,8 @@ class DynamicSparsity:
         weight.data.copy_(shrunk.to(weight.dtype))
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per-group |γ| quantiles and the fraction of channels with |γ| < 1e-2."""
+        """Per-group |γ| quantiles, the fraction of channels with |γ| < 1e-2 and the fraction with γ exactly 0
+        (what the proximal and selective updates produce, and what an average of the weights loses)."""
         result = {}
         for group in self.groups:
             layers = [n for n in group.layers if n in self.norms]
@@ -394,6 +416,7 @@ class DynamicSparsity:
             q = torch.quantile(g, torch.tensor(QUANTILES))
             entry = {f"q{int(p * 100):02d}": float(v) for p, v in zip(QUANTILES, q)}
             entry["sparse_fraction"] = float((g < SPARSE_BELOW).float().mean())
+            entry["zero_fraction"] = float((g == 0).float().mean())
             entry["channels"] = int(g.numel())
             result[group.name] = entry
         return result
@@ -444,8 +467,37 @@ class DynamicSparsity:
         self._start = {n: v.clone() for n, v in state.get("start", {}).items()}
 
     def save_history(self, path: str | Path) -> Path:
-        """Write the per-epoch history as JSON (atomically), for ``gcp plot sparsity``."""
+        """Write the per-epoch history as JSON (atomically), for ``gcp plot sparsity``, with ``final``: the
+        :meth:`stats` of the γ the model holds now. Called after training, these are the weights the trainer
+        returned and saved (with ``gcp.train.fit(ema=True)`` the EMA's, not those the epochs' entries measured),
+        so ``final`` describes the model pruning will get; a warning says when they hold fewer exact zeros than
+        the last epoch's entry (module docstring: an EMA averages them away)."""
+        final = self.stats()
+        if self.history:
+            reached = _zero_fraction(self.history[-1]["groups"])
+            kept = _zero_fraction(final)
+            if kept < reached:
+                warnings.warn(
+                    f"the model's γ hold {kept:.1%} exact zeros where sparse training reached {reached:.1%}: its "
+                    "weights are an average (EMA) of the trained ones, so pruning will find dense γ; train stage 1 "
+                    "without EMA (fit(ema=False), sparsity.ema: false)",
+                    stacklevel=2,
+                )
         return atomic_write_json(
             path,
-            {"s": self.s, "switch_at": self.switch_at, "mechanism": self.mechanism, "history": self.history},
+            {
+                "s": self.s,
+                "switch_at": self.switch_at,
+                "mechanism": self.mechanism,
+                "history": self.history,
+                "final": final,
+            },
         )
+
+
+def _zero_fraction(groups: Mapping[str, Mapping[str, float]]) -> float:
+    """The share of exact zeros over all groups of a :meth:`DynamicSparsity.stats` result (0 for an entry written
+    before the share was recorded)."""
+    channels = sum(stats["channels"] for stats in groups.values())
+    zeros = sum(stats.get("zero_fraction", 0.0) * stats["channels"] for stats in groups.values())
+    return zeros / max(channels, 1)

@@ -10,7 +10,7 @@ on CPU. The same :func:`fit` runs unchanged under ``torchrun --nproc_per_node N`
 
 Checkpoint layout (``last.pt`` / ``best.pt``, loadable with ``torch.load(..., weights_only=True)``):
 ``format``, ``epoch`` (last completed, 0-based), ``epochs``, ``step`` (optimiser steps taken), ``world_size``,
-``model`` (state_dict of the trained weights), ``ema`` (``{"module": state_dict, "updates": int}`` or None),
+``settings`` (the fit arguments in ``RESUME_SETTINGS``, which a resume must repeat), ``model`` (state_dict of the trained weights), ``ema`` (``{"module": state_dict, "updates": int}`` or None),
 ``optimizer``, ``hooks`` (one ``state_dict()`` or None per hook), ``history``, ``best_map50`` and ``rng`` (one
 entry per rank).
 """
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from gcp.data.common import batch_to
-from gcp.io import atomic_torch_save, atomic_write_json
+from gcp.io import ModelFileError, atomic_torch_save, atomic_write_json, read_torch_dict
 
 LOGGER = logging.getLogger(__name__)
 
@@ -61,6 +61,24 @@ OPTIMIZERS = ("sgd", "adamw")
 # distiller's default); it decides whether DDP's gradient average must be scaled back up (see fit).
 LOSS_REDUCTIONS = ("sum", "mean")
 LossFn = Callable[[list[torch.Tensor], list[dict[str, Any]]], Mapping[str, torch.Tensor]]
+# The fit settings that decide the trained weights; a checkpoint records them and a resume must ask for the same
+# (out_dir, progress, num_workers and eval_every change where and how often things are written, not the weights).
+RESUME_SETTINGS = (
+    "epochs",
+    "lr",
+    "optimizer",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "ema",
+    "seed",
+    "sync_bn",
+    "max_steps_per_epoch",
+    "bf16",
+    "loss_reduction",
+    "channels_last",
+)
 
 
 def warmup_cosine_lr(
@@ -195,10 +213,13 @@ class ModelEMA:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`fit` onto the CPU, safely (``weights_only=True``)."""
-    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a gcp training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    """Load a checkpoint written by :func:`fit` onto the CPU, safely (``weights_only=True``). A file that cannot
+    be one (cut short by a kill, not PyTorch's, another format) raises the one-line ModelFileError every model
+    file raises, which the command line shows as it is instead of a traceback."""
+    path = Path(path)
+    checkpoint = read_torch_dict(path, "training checkpoint")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{path}: not a gcp training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return checkpoint
 
 
@@ -399,6 +420,25 @@ def _check_arguments(
         raise ValueError("fit: " + "; ".join(problems))
 
 
+def _check_same_settings(path: Path, recorded: Mapping[str, Any] | None, config: Mapping[str, Any]) -> None:
+    """Refuse to resume a run with other settings than it was trained with: continuing a 5-epoch run asked for
+    2 epochs at another lr would otherwise hand back the old model as if it were the new one. A checkpoint
+    written before the settings were recorded resumes with a warning, since nothing can be checked."""
+    if recorded is None:
+        LOGGER.warning("%s records no fit settings (older gcp); resuming without checking them", path)
+        return
+    changed = [
+        f"{name}: checkpoint {recorded.get(name)!r}, now {config[name]!r}"
+        for name in RESUME_SETTINGS
+        if recorded.get(name) != config[name]
+    ]
+    if changed:
+        raise ValueError(
+            f"resume=True but {path} was trained with other settings ({'; '.join(changed)}); resume with the"
+            " same settings, or train into a new out_dir"
+        )
+
+
 class _Trainer:
     """State and steps of one :func:`fit` call; see :func:`fit` for the meaning of the arguments."""
 
@@ -491,6 +531,7 @@ class _Trainer:
                 f"{path} was written by {checkpoint['world_size']} process(es); resuming with "
                 f"{self.distributed.world_size} would not reproduce its data order and random streams"
             )
+        _check_same_settings(path, checkpoint.get("settings"), self.config)
         if len(checkpoint["hooks"]) != len(self.hooks):
             raise ValueError(
                 f"{path} holds states for {len(checkpoint['hooks'])} hooks, fit got {len(self.hooks)}"
@@ -677,6 +718,7 @@ class _Trainer:
             "epochs": self.epochs,
             "step": self.step,
             "world_size": self.distributed.world_size,
+            "settings": {name: self.config[name] for name in RESUME_SETTINGS},
             "model": self.module.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),

@@ -53,16 +53,17 @@ class Allocation:
 
 
 def group_values(groups: Sequence[Group], importances: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Concatenate the per-layer importances (|γ|) of each group into one flat tensor."""
+    """Concatenate the per-layer importances (|γ|) of each group into one flat float64 tensor (float32 would
+    merge scores that a tie-break separated by less than its rounding step)."""
     values = {}
     for g in groups:
         missing = [n for n in g.layers if n not in importances]
         if missing:
             raise KeyError(f"group {g.name!r}: no importance for layers {missing[:5]}")
         values[g.name] = (
-            torch.cat([importances[n].detach().flatten().float() for n in g.layers])
+            torch.cat([importances[n].detach().flatten().double() for n in g.layers])
             if g.layers
-            else torch.empty(0)
+            else torch.empty(0, dtype=torch.float64)
         )
     return values
 

@@ -1,18 +1,22 @@
-"""benchmarks/bench_method.py splits across sessions: which models a later run must rebuild or score.
+"""benchmarks/bench_method.py splits across sessions: which models a later run must rebuild or score, and
+what each measurement says about where it was made.
 
 A session on a fresh checkout has the committed measurements but not the run directory's models; it must
-rebuild exactly the chain that a missing row starts from, and nothing whose rows are all measured.
+rebuild exactly the chain that a missing row starts from, and nothing whose rows are all measured. Rows made at
+different commits or on different machines are not silently presented as one run's.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_method.py"
+RECORDED = BENCH.parent / "results" / "method_cpu_measurements_seed0.json"
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +28,9 @@ def bench_module():
     return module
 
 
-def _bench(module, tmp_path: Path, measured: list[str], files: list[str]):
-    bench = module.Bench.__new__(module.Bench)  # no data set: only the run directory and the measurements
-    bench.out = tmp_path
-    bench.results = {key: {"map50": 0.5} for key in measured}
+def _bench(module, tmp_path: Path, measured: list[str], files: list[str], *options: str):
+    bench = module.Bench(module.parse_args(["--out", str(tmp_path), *options]))  # no data set (load_data)
+    bench.results.update({key: {"map50": 0.5} for key in measured})
     for name in files:
         (tmp_path / f"{name}.pt").write_bytes(b"")
     return bench
@@ -41,7 +44,11 @@ def test_everything_is_wanted_on_a_first_run(bench_module, tmp_path):
 
 def _all_but_thinet_ft(module) -> list[str]:
     return [
+        "teacher",
         "sparse",
+        "sparse_constant",
+        "table9_sparse_pruned",
+        "table9_sparse_constant_pruned",
         "dense_e1",
         "dense_same_epochs",
         "tp_sparse",
@@ -78,3 +85,166 @@ def test_a_model_file_that_is_there_is_not_rebuilt(bench_module, tmp_path):
 def test_a_model_file_without_its_measurement_is_scored(bench_module, tmp_path):
     bench = _bench(bench_module, tmp_path, [], ["dense_e1"])
     assert bench.wanted("dense_e1")
+
+
+# ------------------------------------------------------------------------------------------ Table 9's model
+
+
+def test_table9_prunes_this_runs_stage1_model_rebuilt_if_gone(bench_module, tmp_path, capsys):
+    # Its dynamic row must prune this run's stage-1 model, not the shipped gcp/assets/digits_sparse.pt (an
+    # earlier run's, 27.8 % zeros / 0.484 against this run's 28.8 % / 0.504): a missing row rebuilds it.
+    measured = [k for k in _all_but_thinet_ft(bench_module) if k != "table9_sparse_pruned"] + ["thinet_ft"]
+    bench = _bench(bench_module, tmp_path, measured, [])
+    assert bench.wanted("sparse") and not bench.wanted("sparse_constant")
+    bench_module.table9_stage(bench)  # sparse.pt is not there: skipped, nothing else pruned instead
+    assert "table9_sparse_pruned" not in bench.results
+    assert "sparse.pt is not there yet" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- provenance
+
+
+def _provenance(commit: str, machine: str) -> dict:
+    return {"commit": commit, "machine": machine, "date": "2026-12-01 10:00 UTC", "settings": {}}
+
+
+def test_every_measurement_records_the_commit_machine_date_and_settings_it_was_made_with(
+    bench_module, tmp_path
+):
+    from common import git_revision, machine
+
+    bench = _bench(bench_module, tmp_path, [], [], "--epochs-recover", "4")
+    bench.record("teacher", {"map50": 0.6, "map": 0.3, "macs": 1.0, "params": 1.0})
+    stored = json.loads((tmp_path / "measurements.json").read_text())["teacher"]["provenance"]
+    assert set(stored) == {"commit", "machine", "date", "settings"}
+    assert (stored["commit"], stored["machine"]) == (git_revision(), machine())
+    assert stored["settings"]["epochs_recover"] == 4 and "out" not in stored["settings"]
+
+
+@pytest.mark.parametrize(
+    "earlier",
+    [_provenance("0ld0ld0", "HERE"), _provenance("HEAD", "another CPU (AVX2)"), None],
+    ids=["other commit", "other machine", "not recorded"],
+)
+def test_rows_from_elsewhere_are_added_to_only_with_allow_mixed(bench_module, tmp_path, earlier):
+    from common import git_revision, machine
+
+    bench = _bench(bench_module, tmp_path, [], [])
+    here = {"HEAD": git_revision(), "HERE": machine()}
+    if earlier is not None:
+        earlier = {k: here.get(v, v) if k in ("commit", "machine") else v for k, v in earlier.items()}
+    bench.results["teacher"] = {"map50": 0.6, **({"provenance": earlier} if earlier else {})}
+    with pytest.raises(SystemExit, match="measured elsewhere .*--allow-mixed"):
+        bench.record("sparse", {"map50": 0.5})
+    with pytest.raises(SystemExit, match="--allow-mixed"):  # before any training, not after it
+        bench.train_model(None, "sparse", "sparse")
+    assert "sparse" not in bench.results
+
+    bench.args.allow_mixed = True
+    bench.record("sparse", {"map50": 0.5})
+    assert [source["rows"] for source in bench_module.sources(bench.results)] == [["teacher"], ["sparse"]]
+
+
+def test_the_report_shows_each_rows_own_commit_and_machine(bench_module, tmp_path):
+    from common import git_revision
+
+    bench = _bench(bench_module, tmp_path, [], [])
+    bench.results["teacher"] = {"map50": 0.6, "map": 0.3, "provenance": _provenance("aaaaaaa", "CPU one")}
+    bench.results["sparse"] = {"map50": 0.5, "map": 0.2, "provenance": _provenance("bbbbbbb", "CPU two")}
+    bench_module.write_report(bench)
+    text = (tmp_path / "RESULTS_section.md").read_text()
+    assert "- 1: commit aaaaaaa on CPU one" in text and "- 2: commit bbbbbbb on CPU two" in text
+    assert "| teacher (shipped) | 0.600 | 0.300 | — | — | 85.5 | 1 |" in text
+    assert "of γ < 1e-2 | 0.500 | 0.200 | — | — | — | 2 |" in text
+    assert git_revision() not in text  # the report's own commit is no row's
+
+
+def test_recorded_rows_without_provenance_are_labelled_so(bench_module, tmp_path):
+    from common import git_revision
+
+    bench = _bench(bench_module, tmp_path, [], [])
+    bench.results = json.loads(RECORDED.read_text())
+    bench_module.write_report(bench)
+    text = (tmp_path / "RESULTS_section.md").read_text()
+    assert "- ?: provenance not recorded per row" in text and git_revision() not in text
+    table = [line for line in text.splitlines() if line.startswith("| ") and "model" not in line]
+    assert len(table) == 16 and all(line.endswith("| ? |") for line in table)
+    # That run did not record its setup: 133.9 min of stages is not the whole command's time.
+    assert "setup (data generation) not recorded" in text
+    assert "the whole command ≤ 150 min (wall: setup and every stage): not known (133.9 min" in text
+
+
+# -------------------------------------------------------------------------------------------- wall minutes
+
+
+def test_setup_minutes_count_in_the_whole_command(bench_module, tmp_path):
+    bench = _bench(bench_module, tmp_path, [], [])
+    bench._tick -= 120  # the data generation took two minutes
+    bench.begin_stage("teacher")
+    bench.record("teacher", {"map50": 0.6})
+    assert bench.results["wall_minutes"]["setup"] == pytest.approx(2.0, abs=0.05)
+    assert bench_module.whole_command_line({"setup": 10.0, "recover": 141.0}).endswith("MISSED (151.0 min)")
+
+
+def test_a_session_that_measures_nothing_adds_no_wall_minutes(bench_module, tmp_path):
+    bench = _bench(bench_module, tmp_path, [], [])
+    bench.record("teacher", {"map50": 0.6})
+    recorded = json.loads((tmp_path / "measurements.json").read_text())["wall_minutes"]
+    again = _bench(bench_module, tmp_path, [], [])  # the report alone, run again later
+    again._tick -= 60
+    again.begin_stage("report")
+    again.tick()
+    assert json.loads((tmp_path / "measurements.json").read_text())["wall_minutes"] == recorded
+
+
+# ------------------------------------------------------------------------------------------- starting over
+
+
+def _earlier_run(folder: Path) -> None:
+    (folder / "fits" / "sparse").mkdir(parents=True)
+    (folder / "fits" / "sparse" / "last.pt").write_bytes(b"finished fit")
+    (folder / "sparse.pt").write_bytes(b"model")
+    (folder / ".pruned_gcp.pt.k2j_x9ab.tmp").write_bytes(b"half a model")  # an atomic write a kill stopped
+
+
+def test_fresh_clears_the_run_directory_and_the_measurements(bench_module, tmp_path):
+    _earlier_run(tmp_path)
+    (tmp_path / "measurements.json").write_text(json.dumps({"teacher": {"map50": 0.6}}))
+    bench = _bench(bench_module, tmp_path, [], [], "--fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["measurements.json"]
+    assert set(bench.results) == {"settings"}
+
+
+def test_fresh_refuses_a_directory_bench_method_did_not_make(bench_module, tmp_path):
+    _earlier_run(tmp_path)
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit, match="notes.txt, which bench_method does not write"):
+        _bench(bench_module, tmp_path, [], [], "--fresh")
+    assert (tmp_path / "notes.txt").is_file() and (tmp_path / "sparse.pt").is_file()
+
+
+def test_models_whose_measurements_are_gone_are_not_resumed_as_new_ones(bench_module, tmp_path):
+    _earlier_run(tmp_path)  # "delete the measurements file to start over"
+    with pytest.raises(SystemExit, match="measurements .* are gone: .*--fresh"):
+        _bench(bench_module, tmp_path, [], [])
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+
+
+def test_a_truncated_training_checkpoint_ends_the_run_in_one_line(bench_module, tmp_path):
+    from _train_toys import ToyDetection
+
+    bench = _bench(bench_module, tmp_path, [], [])
+    bench.train = ToyDetection(2)
+    fit_dir = tmp_path / "fits" / "dense_e1"
+    fit_dir.mkdir(parents=True)
+    (fit_dir / "last.pt").write_bytes(b"PK\x03\x04" + bytes(600))  # a copy a kill cut short
+    (fit_dir / "history.json").write_text(json.dumps({"seconds": [60.0]}))
+    with pytest.raises(SystemExit) as stop:
+        bench_module.run_stages(bench, ["dense"])
+    message = str(stop.value.code)
+    assert message.startswith(
+        f"bench_method: error: {fit_dir / 'last.pt'}: cannot read the training checkpoint"
+    )
+    assert "\n" not in message

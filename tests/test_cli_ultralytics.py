@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("ultralytics")
 
@@ -27,7 +28,7 @@ model:
   weights: yolov8n.yaml
   num_classes: 2
   train_args: {{nbs: 4, plots: false, verbose: false}}
-sparsity: {FIT}
+sparsity: {{epochs: 1, batch_size: 4, warmup_epochs: 0, gamma_lr: 0.5, push_floor: 1.0}}
 distill: {FIT}
 prune: {{ratio: 0.3, calib_images: 4}}
 eval: {{split: val, batch_size: 4}}
@@ -85,10 +86,17 @@ def test_training_stages_use_ultralytics_trainer_and_keep_the_pruned_architectur
     params = n_params(pruned)
     assert n_params(sparse) == n_params(trained) and params < 0.8 * n_params(trained)
     assert n_params(distilled) == params  # trained as it is, not rebuilt from the YAML
-    for stage in ("sparse", "distill_gcp"):  # Ultralytics' own run folders
+    # Ultralytics' own run folders; sparse training ends on its last epoch, distillation on Ultralytics' best
+    for stage, kept in (("sparse", "last"), ("distill_gcp", "best")):
         assert (run / "fits" / stage / "results.csv").is_file()
-        assert (run / "fits" / stage / "weights" / "gcp_best.pt").is_file()
-    assert json.loads((run / "sparsity_history.json").read_text())["history"]
+        assert (run / "fits" / stage / "weights" / f"gcp_{kept}.pt").is_file()
+    history = json.loads((run / "sparsity_history.json").read_text())
+    assert history["history"]
+    final = history["final"].values()  # measured on the γ sparse.pt holds
+    gammas = [m.weight for m in sparse.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert sum(g["channels"] for g in final) == sum(g.numel() for g in gammas)
+    zeros = sum(int((g == 0).sum()) for g in gammas)
+    assert sum(g["zero_fraction"] * g["channels"] for g in final) == pytest.approx(zeros) and zeros > 0
     terms = json.loads((run / "distill_terms_gcp.json").read_text())["history"]
     assert {"soft_cls", "hard"} <= set(terms[0]["grad_norms"])
     metrics = distilled.val(data=str(data_yaml), imgsz=IMGSZ, batch=4, plots=False, project=str(tmp_path))

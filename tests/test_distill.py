@@ -290,9 +290,13 @@ def test_attention_distances_match_their_formulas() -> None:
     teacher, student = torch.randn(3, 4, 5, 5), torch.randn(3, 2, 5, 5)
     difference = spatial_attention(teacher) - spatial_attention(student)
     norm = attention_terms([teacher], [student], [7.0], distance="norm")
-    mean_squared = attention_terms([teacher], [student], [7.0])
+    mean_squared = attention_terms([teacher], [student], [7.0], distance="mean_squared")
+    squared = attention_terms(
+        [teacher], [student], [7.0]
+    )  # the default, as documented and as the distiller's
     torch.testing.assert_close(norm, 7.0 * difference.norm(dim=1).mean().reshape(1))
     torch.testing.assert_close(mean_squared, 7.0 * difference.pow(2).mean(dim=1).mean().reshape(1))
+    torch.testing.assert_close(squared, 7.0 * difference.pow(2).sum(dim=1).mean().reshape(1))
     with pytest.raises(ValueError, match="distance must be one of"):
         attention_terms([teacher], [student], [1.0], distance="l1")
 

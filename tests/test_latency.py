@@ -165,6 +165,48 @@ def test_cache_key_depends_on_architecture_input_runtime_and_threads_not_on_weig
     assert len({key, *others}) == 1 + len(others)
 
 
+class Strided(nn.Module):
+    """Two convs and a head whose parameter shapes do not depend on the first conv's stride."""
+
+    def __init__(self, stride: int = 1):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, stride, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return [self.head(self.b(self.a(x)))]
+
+
+def test_networks_that_differ_only_in_a_stride_get_their_own_tables(tmp_path):
+    timer = FakeTimer()
+    one = gcp.prune_detector(
+        Strided(1), X, ratio=0.3, method="l1", budget="latency", latency=timer, latency_cache=tmp_path,
+        latency_checks=0,
+    ).report  # fmt: skip
+    again = FakeTimer()
+    two = gcp.prune_detector(
+        Strided(2), X, ratio=0.3, method="l1", budget="latency", latency=again, latency_cache=tmp_path,
+        latency_checks=0,
+    ).report  # fmt: skip
+    assert again.model_calls == 1  # measured, not the stride-1 network's time
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert two["latency"]["measured_ms"] == pytest.approx(one["latency"]["measured_ms"] / 4, rel=0.05)
+    assert two["latency"]["remainder_ms"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_cache_key_covers_the_forward_that_was_traced():
+    from gcp.latency import TracedNetwork, forward_signature
+
+    model = Strided()
+    plain = forward_signature(TracedNetwork(model))
+    assert plain != forward_signature(TracedNetwork(model, lambda m, x: m(x)[0]))
+    timer = FakeTimer()
+    assert table_key(model, X.shape, timer, forward=plain) != table_key(
+        model, X.shape, timer, forward="other"
+    )
+
+
 def test_a_second_pruning_of_the_same_network_measures_nothing(tmp_path):
     timer = FakeTimer()
     first = prune(fresh(), timer, tmp_path)
@@ -248,15 +290,6 @@ def test_latency_budget_lands_within_two_percent_of_the_requested_predicted_cut(
     assert report["macs"]["pruned"] > ratio  # the constants make latency harder to cut than MACs
 
 
-def test_latency_budget_rounds_to_the_runtime_block_by_default(tmp_path):
-    model = fresh()
-    report = prune(model, FakeTimer(align=8), tmp_path, ratio=0.4).report
-    assert report["round_to"] == {"multiple": 8, "left_whole": []}
-    for name, count in channels(model).items():
-        if name not in ("head8.1", "head16.1"):
-            assert count % 8 == 0, (name, count)
-
-
 class ScaledRemainderTimer(FakeTimer):
     """A runtime whose whole network takes 1.3 × its convs' time: the ops between convs shrink with the
     channels too, which a table holding the remainder fixed does not see (it predicts a 1.3× smaller cut)."""
@@ -281,14 +314,58 @@ def test_measured_checks_bring_the_latency_cut_to_the_request_where_the_table_is
     report = checked.report
     assert report["requested"] == target and 1 <= len(report["latency"]["checks"]) <= 2
     assert abs(measured(checked) - target) <= 0.05 * target
-    assert abs(report["latency"]["expected_cut"] - measured(checked)) <= 0.05 * target
+    assert abs(report["latency"]["measured_cut"] - measured(checked)) <= 0.05 * target
     assert report["latency"]["checks"][0]["share"] == target
+
+
+class ScriptedTimer(FakeTimer):
+    """A runtime whose base-vs-pruned comparisons measure the cuts in ``cuts``, one per comparison."""
+
+    def __init__(self, cuts):
+        super().__init__()
+        self.cuts = list(cuts)
+        self.comparisons = 0
+
+    def time_models(self, networks, images):
+        cut = self.cuts[self.comparisons]
+        self.comparisons += 1
+        return [1.0, 1.0 - cut]
+
+
+def checked_prune(tmp_path, cuts, checks=2):
+    timer = ScriptedTimer(cuts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = prune(fresh(), timer, tmp_path, ratio=0.3, latency_checks=checks).report
+    return report, timer, [str(w.message) for w in caught]
+
+
+def test_a_noisy_small_measurement_moves_the_share_by_at_most_a_factor_of_two(tmp_path):
+    report, timer, _ = checked_prune(tmp_path, [0.01, 0.295])
+    shares = [t["share"] for t in report["latency"]["checks"]]
+    assert shares == [0.3, pytest.approx(0.6)]  # not 0.3 × 30 → 0.999
+    assert timer.comparisons == 2 and report["latency"]["measured_cut"] == pytest.approx(0.295)
+
+
+def test_a_measured_cut_that_saves_nothing_stops_the_checks_with_a_warning(tmp_path):
+    report, timer, messages = checked_prune(tmp_path, [-0.05])
+    assert len(report["latency"]["checks"]) == 1 and timer.comparisons == 1
+    assert any("no saving" in m for m in messages)
+    assert any("measured -0.050 of the base's time saved" in m for m in messages)
+    assert report["latency"]["measured_cut"] == pytest.approx(-0.05)
+
+
+def test_a_final_share_between_two_trials_is_timed_before_it_is_reported(tmp_path):
+    report, timer, _ = checked_prune(tmp_path, [0.2, 0.4, 0.31])
+    assert [t["share"] for t in report["latency"]["checks"]] == [0.3, pytest.approx(0.45)]
+    assert timer.comparisons == 3  # two trials and the interpolated final model
+    assert report["latency"]["measured_cut"] == pytest.approx(0.31)
 
 
 def test_the_final_share_interpolates_between_trials_that_bracket_the_request():
     trials = [{"share": 0.3, "measured_cut": 0.23}, {"share": 0.39, "measured_cut": 0.37}]
-    share, expected = _final_share(trials, 0.3)
-    assert share == pytest.approx(0.345) and expected == 0.3
+    share, measured = _final_share(trials, 0.3)
+    assert share == pytest.approx(0.345) and measured is None  # a share no trial timed: timed again
     # no bracket: the closest trial, with its measurement
     assert _final_share([{"share": 0.3, "measured_cut": 0.2}, {"share": 0.4, "measured_cut": 0.26}], 0.3) == (
         0.4,
@@ -315,35 +392,51 @@ def test_latency_checks_must_be_a_count():
 HEADS = ("head8.1", "head16.1")  # prediction convs keep their outputs
 
 
-@pytest.mark.parametrize("block", [8, 16])
-def test_every_budget_rounds_to_the_cpu_block_by_default_and_small_layers_stay_whole_quietly(
-    monkeypatch, block
-):
-    monkeypatch.setattr("gcp.prune.channel_block", lambda: block)
-    base = channels(fresh(width=8))  # an 8-channel stem: smaller than a block of 16
-    model = fresh(width=8)
+def prune_with_cpu_block(monkeypatch, block, **kw):
+    """prune_detector's default on a machine whose ONNX Runtime channel block is ``block`` (8: AVX2, 16: AVX-512)."""
+    monkeypatch.setattr("gcp.latency.channel_block", lambda: block)
+    model = fresh(width=8)  # an 8-channel stem
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = gcp.prune_detector(model, X, ratio=0.4, method="slim", budget="macs").report
-    assert not [
-        w for w in caught if "round_to=" in str(w.message)
-    ]  # the default names small layers in the report
-    left = report["round_to"]["left_whole"]
-    assert report["round_to"]["multiple"] == block and all(base[name] < block for name in left)
-    assert bool(left) == (block == 16)
-    for name, count in channels(model).items():
-        if name not in HEADS and base[name] >= block:
-            assert count % block == 0, (name, count)
-        elif name not in HEADS:
-            assert count == base[name], name  # left whole
-    unrounded = fresh(width=8)
-    plain = gcp.prune_detector(unrounded, X, ratio=0.4, method="slim", budget="macs", round_to=1).report
-    assert plain["round_to"] == {"multiple": 1, "left_whole": []}
+        report = gcp.prune_detector(model, X, ratio=0.4, method="slim", budget="macs", **kw).report
+    return model, report, caught
+
+
+def test_the_default_rounding_gives_the_same_architecture_on_an_avx2_and_an_avx512_cpu(monkeypatch):
+    avx2, avx2_report, _ = prune_with_cpu_block(monkeypatch, 8)
+    avx512, avx512_report, caught = prune_with_cpu_block(monkeypatch, 16)
+    assert channels(avx2) == channels(avx512)
+    assert avx2_report["round_to"] == avx512_report["round_to"]
+    assert avx512_report["round_to"]["multiple"] == 8 and "default" in avx512_report["round_to"]["source"]
+    assert avx512_report["achieved"] == pytest.approx(0.4, abs=0.01)  # the budget lands within 1 pp
+    assert not [w for w in caught if "round_to=" in str(w.message)]  # no small layer to warn about
+    base = channels(fresh(width=8))
+    for name, count in channels(avx512).items():
+        if name not in HEADS:
+            assert count % 8 == 0, (name, count)
+    assert all(base[name] < 8 for name in avx512_report["round_to"]["left_whole"])
+
+
+def test_round_to_one_does_not_round(monkeypatch):
+    unrounded, report, _ = prune_with_cpu_block(monkeypatch, 16, round_to=1)
+    assert report["round_to"]["multiple"] == 1 and report["round_to"]["left_whole"] == []
+    assert "no rounding" in report["round_to"]["source"]
     assert any(count % 8 for name, count in channels(unrounded).items() if name not in HEADS)
 
 
-def test_a_model_smaller_than_the_default_block_is_pruned_unrounded(monkeypatch):
-    monkeypatch.setattr("gcp.prune.channel_block", lambda: 1024)  # larger than every layer of the toy
+@pytest.mark.parametrize("align", [8, 16])
+def test_a_latency_budget_rounds_to_the_timed_runtimes_own_block(tmp_path, align):
+    model = fresh(width=8)
+    report = prune(model, FakeTimer(align=align), tmp_path, ratio=0.3).report
+    assert report["round_to"]["multiple"] == align and "timed runtime (fake)" in report["round_to"]["source"]
+    base = channels(fresh(width=8))
+    for name, count in channels(model).items():
+        if name not in HEADS and base[name] >= align:
+            assert count % align == 0, (name, count)
+
+
+def test_a_model_smaller_than_the_default_multiple_is_pruned_unrounded(monkeypatch):
+    monkeypatch.setattr("gcp.prune.DEFAULT_ROUND_TO", 1024)  # larger than every layer of the toy
     report = gcp.prune_detector(fresh(), X, ratio=0.3, budget="macs").report
     assert report["round_to"] is None and report["achieved"] == pytest.approx(0.3, abs=0.02)
 
@@ -354,7 +447,7 @@ def test_layers_too_small_to_round_are_left_whole_and_named():
         UserWarning, match=r"round_to=32: 1 layers have fewer channels and are left whole.*stem\.0"
     ):
         report = gcp.prune_detector(model, X, ratio=0.5, method="slim", round_to=32).report
-    assert report["round_to"] == {"multiple": 32, "left_whole": ["stem.0"]}
+    assert report["round_to"] == {"multiple": 32, "left_whole": ["stem.0"], "source": "round_to=32 (given)"}
     assert model.stem[0].out_channels == 16
     for name, count in channels(model).items():
         if name not in ("stem.0", "head8.1", "head16.1"):
@@ -373,6 +466,13 @@ def state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+class VaguelyDescribedTimer(FakeTimer):
+    """A custom timer whose describe() names only its runtime: the cache key and the report need more."""
+
+    def describe(self):
+        return {"runtime": "mine"}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -381,6 +481,11 @@ def state(model):
         (dict(budget="macs", latency="onnxruntime"), ValueError, "apply to budget='latency'"),
         (dict(budget="macs", latency_cache="x"), ValueError, "apply to budget='latency'"),
         (dict(budget="latency", latency=FakeTimer(align=0)), ValueError, "align must be a positive"),
+        (
+            dict(budget="latency", latency=VaguelyDescribedTimer()),
+            ValueError,
+            "lacks version, threads, device",
+        ),
         (dict(budget="speed"), ValueError, "unknown budget"),
     ],
 )

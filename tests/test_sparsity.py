@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -355,3 +356,70 @@ def test_fit_tells_hooks_each_steps_share_of_the_base_lr():
     scales = recorder.scales
     assert len(scales) == 8 and max(scales) == pytest.approx(1.0, abs=0.2) and scales[-1] < 0.3
     assert scales[0] < scales[2]  # warm-up rises, the cosine falls
+
+
+@pytest.mark.parametrize("mechanism", ["layer_relative", "eq3", "selective"])
+def test_frozen_gammas_are_left_alone(mechanism):
+    """A γ that does not train (``requires_grad=False``, e.g. Ultralytics' ``freeze=``) keeps its value and
+    gets no gradient: it is not penalised, scored or chosen, and selective's target is a share of the rest."""
+    model = two_layers()
+    model[1].weight.data = torch.linspace(0.1, 1.0, 10)  # spread out: layer_relative pushes the small ones
+    frozen = model[1].weight.detach().clone()
+    options = (
+        {"target": 0.3, "score_share": 0.1, "switch_at": 0.5}
+        if mechanism == "selective"
+        else {"s": 1.0, "switch_at": 1.0}
+    )
+    sparsity = DynamicSparsity(model, mechanism=mechanism, **options)
+    model[1].weight.requires_grad_(False)  # frozen after the hook was built, as trainers do
+    if mechanism == "selective":
+        run_selective(model, sparsity, 20, {"3": torch.linspace(0.1, 1.0, 10)})  # autograd gives "1" no grad
+        assert int((model[3].weight == 0).sum()) == 3
+    else:
+        for step in range(3):
+            model[3].weight.grad = torch.full((10,), 0.1)
+            sparsity.step(step, 3)
+        if mechanism == "eq3":
+            torch.testing.assert_close(model[3].weight.grad, torch.full((10,), 1.1))
+        else:
+            assert (model[3].weight < 1).all()
+    assert torch.equal(model[1].weight, frozen) and model[1].weight.grad is None
+
+
+def sparse_fit(ema):
+    """A short gcp.train.fit run whose hook drives every γ of the toy detector to exactly 0."""
+    from _train_toys import ToyDetection, make_model, toy_loss
+
+    from gcp.train import fit
+
+    model = make_model()
+    sparsity = DynamicSparsity(model, s=10.0, lr=0.5, push_floor=1.0, switch_at=1.0)
+    fit(
+        model,
+        ToyDetection(8),
+        epochs=1,
+        batch_size=2,
+        hooks=[sparsity],
+        loss_fn=toy_loss,
+        ema=ema,
+        progress=False,
+    )
+    return model, sparsity
+
+
+def test_the_saved_history_describes_the_weights_training_returned(tmp_path):
+    """``final`` is measured on the weights the model ends with; an EMA's average of the trained weights has
+    none of the zeros the epochs' entries recorded, which a warning says (and none without an EMA)."""
+    model, sparsity = sparse_fit(ema=True)
+    assert sparsity.history[-1]["groups"]["all"]["zero_fraction"] == 1.0  # the trained weights
+    with pytest.warns(UserWarning, match=r"0\.0% exact zeros where sparse training reached 100\.0%.*EMA"):
+        path = sparsity.save_history(tmp_path / "ema.json")
+    assert json.loads(path.read_text())["final"]["all"]["zero_fraction"] == 0.0
+    assert (model.stem[1].weight != 0).all()  # what fit returned: the EMA
+
+    model, sparsity = sparse_fit(ema=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = sparsity.save_history(tmp_path / "plain.json")
+    saved = json.loads(path.read_text())
+    assert saved["final"] == saved["history"][-1]["groups"] and (model.stem[1].weight == 0).all()

@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gcp.data import batch_to
+from gcp.serialize import ModelFileError
 from gcp.train import (
     CHECKPOINT_FORMAT,
     EMA_DECAY,
@@ -358,9 +359,91 @@ def test_interrupted_and_resumed_run_equals_straight_run_bit_for_bit(tmp_path, n
         )
 
 
+def test_a_resume_that_asks_for_other_settings_is_refused_naming_them(tmp_path):
+    quick_fit(make_model(), epochs=2, lr=0.1, out_dir=tmp_path)
+    before = (tmp_path / "last.pt").read_bytes()
+    model = make_model(1)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"other settings \(epochs: checkpoint 2, now 3; lr: checkpoint 0.1, now 0.001\)"
+    ):
+        quick_fit(model, epochs=3, lr=0.001, out_dir=tmp_path, resume=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert (tmp_path / "last.pt").read_bytes() == before
+    # the same settings (where and how often things are written may change) resume
+    quick_fit(make_model(1), epochs=2, lr=0.1, out_dir=tmp_path, resume=True, eval_every=2, num_workers=0)
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="last.pt"):
         quick_fit(make_model(), out_dir=tmp_path, resume=True)
+
+
+def _unreadable_checkpoint(kind: str, folder: Path) -> Path:
+    """A ``last.pt`` that ``--resume`` may meet: a real checkpoint cut short (a kill or a full disk during a
+    copy), an empty or non-PyTorch file, pickled code, or a PyTorch file of another kind."""
+    path = folder / "fit" / "last.pt"
+    if kind == "truncated":
+        quick_fit(make_model(), epochs=1, max_steps_per_epoch=1, out_dir=path.parent)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path
+    path.parent.mkdir(parents=True)
+    contents = {
+        "empty": b"",
+        "text": b"epoch 3 of 5\n",
+        "pickled": {"format": CHECKPOINT_FORMAT, "hooks": [Interrupted()]},
+        "list": [1, 2],
+        "pruned model": {"format": "gcp.pruned/1", "meta": "{}"},
+    }[kind]
+    if isinstance(contents, bytes):
+        path.write_bytes(contents)
+    else:
+        torch.save(contents, path)
+    return path
+
+
+UNREADABLE = {
+    "truncated": "cannot read the training checkpoint: truncated or not a PyTorch file",
+    "empty": "cannot read the training checkpoint: empty file",
+    "text": "cannot read the training checkpoint: truncated or not a PyTorch file",
+    "pickled": "not a gcp training checkpoint: it holds pickled Python objects",
+    "list": "not a gcp training checkpoint (it holds a list, not a dict)",
+    "pruned model": "not a gcp training checkpoint (expected format",
+}
+
+
+@pytest.mark.parametrize("kind", list(UNREADABLE))
+def test_an_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, kind):
+    path = _unreadable_checkpoint(kind, tmp_path)
+    with pytest.raises(ModelFileError) as error:
+        load_checkpoint(path)
+    assert str(error.value).startswith(f"{path}: ") and UNREADABLE[kind] in str(error.value)
+    assert "\n" not in str(error.value)
+    # fit's resume reads it the same way, before training anything
+    with pytest.raises(ModelFileError, match="cannot read the training checkpoint|not a gcp training"):
+        quick_fit(make_model(), out_dir=path.parent, resume=True)
+
+
+def test_gcp_resume_on_a_truncated_checkpoint_exits_with_one_line(tmp_path, capsys):
+    """The command line shows ModelFileError as it is (exit 2): a fits/<stage>/last.pt cut short by a kill
+    ends ``gcp train --resume`` with one line naming it, not a torch traceback."""
+    from test_cli import TINY_CONFIG, gcp
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG.replace("DIGITS_ROOT", str(tmp_path / "digits")), encoding="utf-8")
+    last = _unreadable_checkpoint("truncated", tmp_path)
+    run_dir = tmp_path / "run"
+    (run_dir / "fits").mkdir(parents=True)
+    last.parent.rename(run_dir / "fits" / "train")
+    capsys.readouterr()
+    assert gcp(config, run_dir, "train", "--resume") == 2
+    errors = capsys.readouterr().err
+    lines = [line for line in errors.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in errors, errors
+    assert lines[0].startswith(
+        f"gcp train: error: {run_dir / 'fits' / 'train' / 'last.pt'}: {UNREADABLE['truncated']}"
+    )
 
 
 class UnpicklableStateOnSecondSave:

@@ -253,9 +253,12 @@ def train(
         epochs: training epochs.
         hooks: ``gcp.train.fit`` hooks (``docs/design.md``, "Trainer hooks"), built on this module:
             ``after_backward(epoch, total_epochs)`` runs after backward, after AMP's unscaling and Ultralytics'
-            gradient clipping, before the optimiser step (``gcp.DynamicSparsity``, paper §4.1, stage 1);
-            ``loss_terms(images, targets, outputs)`` adds terms to Ultralytics' loss; ``on_epoch_end(epoch,
-            metrics)``; ``state_dict`` / ``load_state_dict`` are saved beside ``last.pt`` for resuming.
+            gradient clipping, before the update of whichever optimiser the trainer holds at that step
+            (``gcp.DynamicSparsity``, paper §4.1, stage 1), preceded by ``on_lr(scale)`` and ``on_step(step,
+            total_steps)`` as ``gcp.train.fit`` calls them (γ's lr over its base lr; real optimiser steps
+            through the warm-up's growing gradient accumulation); ``loss_terms(images, targets, outputs)`` adds
+            terms to Ultralytics' loss; ``on_epoch_end(epoch, metrics)``; ``state_dict`` / ``load_state_dict``
+            are saved beside ``last.pt`` for resuming.
         teacher: the unpruned model (``YOLO`` or ``DetectionModel``) for group spatial attention distillation
             (paper §4.3, stage 3): L_AT at the backbone's strides 2-32, L_soft on the Detect head's class
             logits and DFL-decoded boxes, Ultralytics' detection loss as L_hard; each term is logged as
@@ -267,8 +270,13 @@ def train(
             of a ``YOLO`` loaded from its ``last.pt`` (``resume='path/to/last.pt'`` for any module of that
             architecture); hooks and teacher must be given again, and their state is restored. One device only.
 
-    Returns the final checkpoint (``best.pt``, else ``last.pt``), whose weights the module ends with. Beside it
-    ``gcp_best.pt`` (or ``gcp_last.pt``) holds the same weights in gcp's weights-only format, which
+    Returns the final checkpoint, whose weights the module ends with. With hooks that edit the weights
+    (``after_backward``, e.g. sparse training) it is ``last.pt``, the end of the schedule: ``best.pt`` is the
+    epoch of the best validation mAP, usually one from before the sparsity took hold. Its weights are then the
+    trained ones and the hooks' history describes them: Ultralytics' EMA, which it validates and saves and
+    which would average away the exact zeros the hook set, is set to the trained weights at every epoch end.
+    Without such hooks it is ``best.pt`` (else ``last.pt``). Beside it ``gcp_last.pt`` (or ``gcp_best.pt``)
+    holds the same weights in gcp's weights-only format, which
     ``gcp.load_pruned(path, base=DetectionModel(cfg, nc=nc))`` rebuilds without unpickling code: written for a
     model pruned by ``prune_detector`` (passed as its ``PruneResult``, then or in an earlier run) and for an
     unpruned one (empty history); not for a model pruned by other means, whose history is unknown.

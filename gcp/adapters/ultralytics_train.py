@@ -8,21 +8,32 @@ and plugs the ``gcp.train.fit`` hook protocol (``docs/design.md``, "Trainer hook
 * ``loss_terms(images, targets, outputs)``, e.g. the group spatial attention distiller of paper §4.3, through
   the model's ``criterion`` (:class:`LossTermsCriterion`): Ultralytics' detection loss is L_hard, the hooks'
   terms are added to it (eq. 4) and logged as loss items;
-* ``after_backward(epoch, total_epochs)``, e.g. :class:`gcp.DynamicSparsity` (§4.1), as a step pre-hook of the
-  optimiser: it runs after backward, after the gradients were unscaled and clipped, and before the update,
-  preceded by ``on_step(step, total_steps)`` counted in optimiser steps (the ``selective`` mechanism's clock);
+* ``after_backward(epoch, total_epochs)``, e.g. :class:`gcp.DynamicSparsity` (§4.1), in the trainer's
+  ``optimizer_step``, plugged for that one step into the optimiser the trainer holds then (Ultralytics builds
+  a new one when it halves the batch after running out of memory, which a hook registered once would miss):
+  after backward, after the gradients were unscaled and clipped, before the update; preceded by
+  ``on_lr(scale)`` (γ's lr over its base lr, as ``gcp.train.fit`` passes it) and ``on_step(step,
+  total_steps)``, counted in real optimiser steps against the number the run's schedule takes (the
+  ``selective`` mechanism's clock, :meth:`PrunedDetectionTrainer._step_position`);
 * ``on_epoch_end(epoch, metrics)`` at the end of every training epoch; ``state_dict`` / ``load_state_dict``
   in ``weights/gcp_hooks.pt`` next to ``last.pt``, so a resumed run continues the hooks' state too.
+
+A run with ``after_backward`` hooks is theirs (:attr:`PrunedDetectionTrainer.edits_weights`): the EMA
+Ultralytics validates and saves is set to the trained weights at every epoch end, after the hooks' epoch end,
+since an average of the weights has none of the exact zeros sparse training set; its checkpoints then hold the
+weights the hooks' history describes, and :func:`train` returns ``last.pt``, the end of the schedule.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import box_convert
@@ -31,6 +42,7 @@ from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
 from gcp.io import atomic_torch_save, atomic_write_json
 from gcp.prune import PruneResult
+from grouping import prunable_norms
 
 from . import tap_layers
 from .ultralytics import (
@@ -55,6 +67,8 @@ PRUNING_RECORD = "gcp_pruning"
 # Arguments train() sets itself, and Ultralytics' own distillation, which would wrap the model in another.
 _OWN_ARGUMENTS = ("task", "mode", "distill_model")
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+# The hook methods called at every optimiser step (module docstring).
+_STEP_METHODS = ("on_lr", "on_step", "after_backward")
 
 
 def batch_targets(batch: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
@@ -123,12 +137,37 @@ class LossTermsCriterion:
             self.hard.update()
 
 
+@functools.cache
+def optimizer_steps(batches: int, warmup: int, accumulate: int) -> int:
+    """How many optimiser steps Ultralytics' trainer takes in the first ``batches`` batches of a run.
+
+    It steps when ``accumulate`` batches have passed since its last step; during the first ``warmup`` batches
+    that count ramps from 1 to ``accumulate`` (interpolated and rounded as Ultralytics does), so the steps of an
+    epoch are not ``batches / accumulate`` until the warm-up is over.
+    """
+    ramp = min(warmup + 1, batches) if warmup else 0
+    counts = np.maximum(1, np.interp(np.arange(ramp), [0, warmup], [1, accumulate]).round())
+    steps, last = 0, -1
+    for batch, count in enumerate(counts):
+        if batch - last >= count:
+            steps, last = steps + 1, batch
+    return steps + (batches - 1 - last) // accumulate
+
+
+def _finite_gradients(parameters: Iterable[nn.Parameter]) -> bool:
+    """Whether every gradient is finite, with one device sync and with what every torch gcp allows has
+    (``torch.nn.utils.get_total_norm`` needs torch 2.6)."""
+    checks = [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+    return not checks or bool(torch.stack(checks).all())
+
+
 class PrunedDetectionTrainer(DetectionTrainer):
     """Ultralytics' detection trainer on a given module, as it is, with gcp hooks (see the module docstring).
 
     ``module`` is trained in place: ``get_model`` never rebuilds it from YAML, and on resume it receives the
     checkpoint's weights (same architecture, or a ValueError). The EMA and the checkpoints Ultralytics pickles
-    are copies of this module, so the pruned architecture is what ``YOLO(last.pt)`` loads.
+    are copies of this module, so the pruned architecture is what ``YOLO(last.pt)`` loads; with hooks that edit
+    the weights the EMA is the trained weights themselves (module docstring).
     """
 
     _ema: Any = None
@@ -156,8 +195,9 @@ class PrunedDetectionTrainer(DetectionTrainer):
         self.distill_options = dict(distill_options or {})
         self.distiller: Any = None
         self.criterion: LossTermsCriterion | None = None
-        self._step_hook: Any = None
-        self._steps_in_epoch = (-1, 0)  # (epoch, optimiser steps taken in it), for on_step
+        self._gammas = {id(norm.weight) for norm in prunable_norms(module).values()}
+        self._nominal_accumulate = 1  # set by _build_train_pipeline
+        self._steps_taken: int | None = None  # optimiser steps of the run so far (_step_position)
         # Ultralytics builds the loss lazily from the model's args; one left from an earlier run would keep that
         # run's hyperparameters (and device)
         module.criterion = None
@@ -167,6 +207,12 @@ class PrunedDetectionTrainer(DetectionTrainer):
         self.add_callback("on_train_epoch_end", lambda _trainer: self._end_epoch())
         # first, so the hooks' state is on disk with the checkpoint before any other callback can fail
         self.callbacks["on_model_save"].insert(0, lambda _trainer: self._save_hook_states())
+
+    @property
+    def edits_weights(self) -> bool:
+        """Whether a hook acts on the weights at every step (``after_backward``, e.g. sparse training): the run's
+        result is then the trained weights, not an average of them (module docstring)."""
+        return any(hasattr(hook, "after_backward") for hook in self.gcp_hooks)
 
     @property
     def ema(self) -> Any:
@@ -216,8 +262,6 @@ class PrunedDetectionTrainer(DetectionTrainer):
                 self.distiller = self._distiller(self.criterion)
                 self.criterion.hooks.append(self.distiller)
             self.module.criterion = self.criterion
-        if any(hasattr(hook, "after_backward") for hook in self.gcp_hooks):
-            self._step_hook = self.optimizer.register_step_pre_hook(self._after_backward)
         if self.resume:
             self._load_hook_states()
 
@@ -237,38 +281,81 @@ class PrunedDetectionTrainer(DetectionTrainer):
         }
         return GroupAttentionDistiller(self.teacher, self.module, example, **options)
 
-    def _after_backward(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-        """Optimiser step pre-hook: Ultralytics' ``optimizer_step`` has unscaled (AMP) and clipped the gradients.
+    def _build_train_pipeline(self) -> None:
+        """Ultralytics' data loaders for the current batch size (and, in its older versions, a new optimiser), at
+        setup and after an out-of-memory halving of the batch; notes the accumulation count it set, which its
+        warm-up ramps up to, and restarts the step count from the schedule (:meth:`_step_position`)."""
+        super()._build_train_pipeline()
+        self._nominal_accumulate = int(self.accumulate)
+        self._steps_taken = None
+
+    def optimizer_step(self) -> None:
+        """Ultralytics' step (AMP unscaling, gradient clipping, the update, its EMA) with the gcp hooks'
+        :data:`_STEP_METHODS` run as a pre-hook of the optimiser the trainer holds now, removed after the step."""
+        if not any(hasattr(hook, method) for hook in self.gcp_hooks for method in _STEP_METHODS):
+            super().optimizer_step()
+            return
+        handle = self.optimizer.register_step_pre_hook(
+            functools.partial(self._before_update, self._step_position())
+        )
+        try:
+            super().optimizer_step()
+        finally:
+            handle.remove()
+
+    def _before_update(self, position: tuple[int, int], *_step_arguments: Any) -> None:
+        """The hooks' step, in the optimiser's step pre-hook: the gradients are unscaled (AMP) and clipped.
 
         A scaler that found inf/NaN gradients skips the update; fused optimisers still enter ``step`` then, so
         the hooks are skipped too rather than acting on non-finite gradients.
         """
-        if self.scaler.is_enabled():
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-                return
-        step, total = self._next_step_position()
+        if self.scaler.is_enabled() and not _finite_gradients(self.module.parameters()):
+            return
+        scale = self._lr_scale()
         for hook in self.gcp_hooks:
+            if hasattr(hook, "on_lr"):
+                hook.on_lr(scale)
             if hasattr(hook, "on_step"):
-                hook.on_step(step, total)
+                hook.on_step(*position)
             if hasattr(hook, "after_backward"):
                 hook.after_backward(self.epoch, self.epochs)
 
-    def _next_step_position(self) -> tuple[int, int]:
-        """This optimiser step's index over the whole run and the run's step count, as ``gcp.train.fit`` passes
-        them to ``on_step`` (Ultralytics steps once per ``accumulate`` batches); counts the step."""
-        per_epoch = max(1, -(-len(self.train_loader) // max(1, int(self.accumulate))))
-        epoch, done = self._steps_in_epoch
-        done = done if epoch == self.epoch else 0
-        self._steps_in_epoch = (self.epoch, done + 1)
-        total = self.epochs * per_epoch
-        return min(self.epoch * per_epoch + done, total - 1), total
+    def _lr_scale(self) -> float:
+        """γ's lr at this step over its base lr, what ``gcp.train.fit`` passes to ``on_lr``: the ratio of the
+        optimiser group holding the BatchNorm weights, which Ultralytics' warm-up ramps up from 0 and its lr
+        schedule then lowers (the bias group's warm-up comes down from ``warmup_bias_lr`` instead)."""
+        group = next(
+            g for g in self.optimizer.param_groups if any(id(p) in self._gammas for p in g["params"])
+        )
+        return group["lr"] / group["initial_lr"]
+
+    def _step_position(self) -> tuple[int, int]:
+        """This optimiser step's index over the run and the number of steps the run's schedule takes, as
+        ``gcp.train.fit`` passes them to ``on_step``; counts the step.
+
+        Steps are counted as they are taken: Ultralytics steps once per ``accumulate`` batches, a count its
+        warm-up ramps up from 1, so an epoch's steps are not fixed. The count starts from the schedule's count
+        before the epoch training (re)starts in (0 for a new run), the total is the schedule's
+        (:func:`optimizer_steps`). A resumed run restarts Ultralytics' accumulation and may take a step more
+        than the schedule counts: the position stays at the last step then.
+        """
+        batches = len(self.train_loader)
+        warmup = self._get_warmup_iterations(batches)
+        if self._steps_taken is None:
+            self._steps_taken = optimizer_steps(batches * self.epoch, warmup, self._nominal_accumulate)
+        total = optimizer_steps(batches * self.epochs, warmup, self._nominal_accumulate)
+        step = min(self._steps_taken, total - 1)
+        self._steps_taken += 1
+        return step, total
 
     def _end_epoch(self) -> None:
         metrics = {**(self.label_loss_items(self.tloss) if self.tloss else {}), **self.lr}
         for hook in self._all_hooks():
             if hasattr(hook, "on_epoch_end"):
                 hook.on_epoch_end(self.epoch, dict(metrics))
+        # what Ultralytics validates and saves next: the trained weights, which the hooks just recorded
+        if self.edits_weights:
+            self.ema.ema.load_state_dict(self.module.state_dict())
 
     def _save_hook_states(self) -> None:
         hooks = self._all_hooks()
@@ -297,10 +384,7 @@ class PrunedDetectionTrainer(DetectionTrainer):
                 hook.load_state_dict(state)
 
     def detach(self) -> None:
-        """Remove everything :meth:`_attach` plugged into the module and the optimiser."""
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
+        """Remove everything :meth:`_attach` plugged into the module."""
         if self.distiller is not None:
             self.distiller.close()
         self.module.criterion = None  # it holds the teacher, and this run's hyperparameters
@@ -376,7 +460,7 @@ def train(
         trainer.train()
     finally:
         trainer.detach()
-    final = trainer.best if trainer.best.exists() else trainer.last
+    final = trainer.best if trainer.best.exists() and not trainer.edits_weights else trainer.last
     trained, _ = load_checkpoint(final)
     load_same_architecture(module, trained.state_dict(), str(final))
     module.eval()
