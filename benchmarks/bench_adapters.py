@@ -79,7 +79,7 @@ def calibrate_norms(model: torch.nn.Module, images: torch.Tensor) -> None:
     A freshly built model's statistics (mean 0, variance 1) do not match its activations, which then fade to a
     constant through the depth of the network; the ONNX comparison would compare constants.
     """
-    from gcp.adapters import network
+    from gcp.core.registry import network
 
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
@@ -128,7 +128,7 @@ def onnx_view(name: str, model: torch.nn.Module) -> torch.nn.Module:
     Its RoI head reads the proposals NMS selects from near-tied random objectness scores, which ONNX Runtime
     and PyTorch may order differently; those outputs are checked by the save/load comparison instead.
     """
-    from gcp.adapters import NetworkView, get_adapter, network
+    from gcp.core.registry import NetworkView, get_adapter, network
 
     if not name.startswith("fasterrcnn"):
         return network(model)
@@ -140,8 +140,8 @@ def onnx_view(name: str, model: torch.nn.Module) -> torch.nn.Module:
 
 def run_model(name: str, methods: list[str]) -> dict[str, Any]:
     import gcp
-    from gcp.adapters import network
-    from gcp.export import export_onnx
+    from gcp.core.registry import network
+    from gcp.runtime.export import export_onnx
 
     warnings.simplefilter("ignore")
     start = time.perf_counter()

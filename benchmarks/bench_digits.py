@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, git_revision, machine, now, write_section  # noqa: E402
 
-from gcp.cli import main as gcp_main  # noqa: E402
-from gcp.pipeline import SHIPPED_TEACHER  # noqa: E402
-from gcp.plots import overall_sparse_fraction, plot_tradeoff  # noqa: E402
+from gcp.app.cli import main as gcp_main  # noqa: E402
+from gcp.app.pipeline import SHIPPED_TEACHER  # noqa: E402
+from gcp.app.plots import overall_sparse_fraction, plot_tradeoff  # noqa: E402
 
 METHODS = ("gcp", "slim", "thinet")
 #: Committed beside RESULTS.md, so the figure the table describes can be looked at without rerunning.

@@ -1,9 +1,9 @@
 """Issue 14: is a pruned detector faster, not only smaller? Latency cut vs MACs cut on ONNX Runtime (CPU).
 
 For every model × setting (method, budget, ratio, ``round_to``), a copy of the base model is pruned, both are
-exported to ONNX and timed alternately in this one process (``gcp.export.compare_latency``: base, pruned,
+exported to ONNX and timed alternately in this one process (``gcp.runtime.export.compare_latency``: base, pruned,
 base, ... with non-spinning threads, medians of ``--runs`` ≥ 30), then each is profiled with ONNX Runtime's own
-profiler (``gcp.latency.profile_onnxruntime``) to see which op types the time was saved in. ``budget="latency"``
+profiler (``gcp.runtime.timers.profile_onnxruntime``) to see which op types the time was saved in. ``budget="latency"``
 rows build (or reuse) the model's latency table with the same threads, and also record the predicted cut.
 
 Rows go to ``benchmarks/results/latency.json`` as each one finishes (a killed run resumes with the rows it
@@ -39,9 +39,13 @@ from bench_adapters import calibrate_norms  # noqa: E402
 from common import git_revision, machine, now, sparse_like_gammas, write_section  # noqa: E402
 
 import gcp  # noqa: E402
-from gcp.export import compare_latency  # noqa: E402
 from gcp.io import atomic_write_json  # noqa: E402
-from gcp.latency import OnnxRuntimeTimer, compare_profiles, profile_onnxruntime  # noqa: E402
+from gcp.runtime.export import compare_latency  # noqa: E402
+from gcp.runtime.timers import (
+    OnnxRuntimeTimer,
+    compare_profiles,
+    profile_onnxruntime,  # noqa: E402
+)
 
 RESULTS_JSON = Path(__file__).with_name("results") / "latency.json"
 TITLE = "Latency follows MACs? ONNX Runtime CPU, base vs pruned (issue 14)"
@@ -79,11 +83,11 @@ def build(name: str, side: int) -> nn.Module:
     torch.manual_seed(SEED)
     family = MODELS[name][0]
     if name == "yolov4_w025":
-        from gcp.pipeline import SHIPPED_SPARSE, load_model
+        from gcp.app.pipeline import SHIPPED_SPARSE, load_model
 
         return load_model(SHIPPED_SPARSE).eval()
     if name == "yolov4":
-        from gcp.models import yolov4
+        from gcp.detection.models import yolov4
 
         return sparse_like_gammas(yolov4(num_classes=20), SEED).eval()
     if family == "ultralytics":
@@ -105,7 +109,7 @@ def timed_view(name: str, model: nn.Module) -> nn.Module:
     """What is exported and timed: our YOLOs as they are, other families' trainable network (no NMS)."""
     if MODELS[name][0] == "gcp":
         return model
-    from gcp.adapters import network
+    from gcp.core.registry import network
 
     return network(model)
 

@@ -1,5 +1,5 @@
 """Channels-last vs contiguous image batches on CPU: one training step and one inference batch of the shipped
-DigitScenes teacher (reduced YOLOv4, 256 px), the model's weights untouched (``gcp.data.batch_to``).
+DigitScenes teacher (reduced YOLOv4, 256 px), the model's weights untouched (``gcp.detection.data.batch_to``).
 
     python benchmarks/bench_layout.py            # ~2 min on 2 CPU cores; writes its RESULTS.md section
 
@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_revision, machine, now, write_section  # noqa: E402
 
-from gcp.data import batch_to  # noqa: E402
-from gcp.loss import YoloLoss  # noqa: E402
-from gcp.pipeline import SHIPPED_TEACHER, load_model  # noqa: E402
+from gcp.app.pipeline import SHIPPED_TEACHER, load_model  # noqa: E402
+from gcp.detection.data import batch_to  # noqa: E402
+from gcp.detection.loss import YoloLoss  # noqa: E402
 
 SIZE = 256
 

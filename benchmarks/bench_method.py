@@ -49,15 +49,15 @@ from common import git_revision, machine, now, tp_prune, tp_pruner, write_sectio
 
 import gcp  # noqa: E402
 from distill import GroupAttentionDistiller  # noqa: E402
-from gcp.data import VOCDataset, make_digit_scenes  # noqa: E402
-from gcp.evaluate import evaluate  # noqa: E402
+from gcp.app.pipeline import SHIPPED_TEACHER, load_model, save_model, save_pruned_like  # noqa: E402
+from gcp.core.prune import channel_costs  # noqa: E402
+from gcp.core.report import count_macs_params  # noqa: E402
+from gcp.core.serialize import ModelFileError, read_pruned  # noqa: E402
+from gcp.detection.data import VOCDataset, make_digit_scenes  # noqa: E402
+from gcp.detection.evaluate import evaluate  # noqa: E402
+from gcp.detection.train import fit  # noqa: E402
 from gcp.io import atomic_write_json  # noqa: E402
-from gcp.pipeline import SHIPPED_TEACHER, load_model, save_model, save_pruned_like  # noqa: E402
-from gcp.prune import channel_costs  # noqa: E402
-from gcp.report import count_macs_params  # noqa: E402
-from gcp.serialize import ModelFileError, read_pruned  # noqa: E402
-from gcp.sparsity import SPARSE_BELOW  # noqa: E402
-from gcp.train import fit  # noqa: E402
+from gcp.sparse.dynamic import SPARSE_BELOW  # noqa: E402
 from grouping import prunable_norms  # noqa: E402
 
 SIZE = 256

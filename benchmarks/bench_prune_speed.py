@@ -29,7 +29,7 @@ def run_one(which: str) -> dict:
     import torch_pruning as tp
 
     import gcp
-    from gcp.models import yolov4
+    from gcp.detection.models import yolov4
     from grouping import prediction_layers
 
     torch.manual_seed(SEED)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_revision, machine, now, sparse_like_gammas, write_section  # noqa: E402
 
 import gcp  # noqa: E402
+from gcp.detection.models import yolov4  # noqa: E402
 from gcp.io import atomic_write_json  # noqa: E402
-from gcp.models import yolov4  # noqa: E402
 from grouping import Group, partition  # noqa: E402
 from grouping.trace import observe  # noqa: E402
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_yolov8n import SIZE, to_yolo_layout  # noqa: E402
 from common import git_revision, machine, now, tp_prune, write_section  # noqa: E402
 
-from gcp.data import make_digit_scenes  # noqa: E402
+from gcp.detection.data import make_digit_scenes  # noqa: E402
 from gcp.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 STAGES = ["base", "sparse", "prune", "distill", "tp", "finetune", "eval", "report"]
@@ -99,7 +99,7 @@ class Bench:
 
     def gcp(self, command: str, *extra: str) -> None:
         """``gcp <command>`` on the run (resuming what an earlier invocation left), output into the log."""
-        argv = [sys.executable, "-m", "gcp.cli", command, *extra]
+        argv = [sys.executable, "-m", "gcp.app.cli", command, *extra]
         argv += ["--config", str(self.config), "--run-dir", str(self.run), "--no-progress"]
         print("$", " ".join(argv[2:]), flush=True)
         subprocess.run(argv, check=True)
@@ -130,8 +130,8 @@ def stage_tp(bench: Bench) -> None:
     """torch-pruning's L2 magnitude pruner on the base model, to gcp's achieved MACs cut → pruned_tpl2.pt;
     then the same fine-tuning as every recovery → finetuned_tpl2.pt."""
     from gcp.adapters.ultralytics import split_blocks
-    from gcp.config import load_config
-    from gcp.pipeline import Context, RunDir, finetune_stage
+    from gcp.app.config import load_config
+    from gcp.app.pipeline import Context, RunDir, finetune_stage
 
     config, _ = load_config(str(bench.config), [])
     ctx = Context(config, RunDir(bench.run), resume=True, progress=False)

@@ -3,7 +3,7 @@
 Converts the DigitScenes VOC layout (made by `train_reference.py`, same seed) to YOLO txt labels, trains
 `yolov8n.yaml` from scratch with Ultralytics' own trainer for ``--minutes`` (its ``time=`` budget, offline,
 no plots), then scores its test-split detections with *our* evaluator (pycocotools, same thresholds as
-`gcp.evaluate`) so both models are measured the same way. The table puts it next to our reduced YOLOv4 as
+`gcp.detection.evaluate`) so both models are measured the same way. The table puts it next to our reduced YOLOv4 as
 `train_reference.py` left it (``--teacher``, trained for the same number of minutes), evaluated again here.
 
 ``--fliplr`` is Ultralytics' horizontal-flip probability. Our reference trains DigitScenes without flips (a
@@ -30,11 +30,11 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_revision, machine, now, write_section  # noqa: E402
 
-from gcp.data import VOCDataset, make_digit_scenes  # noqa: E402
-from gcp.evaluate import compute_map, evaluate  # noqa: E402
+from gcp.app.pipeline import load_model  # noqa: E402
+from gcp.core.report import count_macs_params  # noqa: E402
+from gcp.detection.data import VOCDataset, make_digit_scenes  # noqa: E402
+from gcp.detection.evaluate import compute_map, evaluate  # noqa: E402
 from gcp.io import atomic_write_json  # noqa: E402
-from gcp.pipeline import load_model  # noqa: E402
-from gcp.report import count_macs_params  # noqa: E402
 
 SIZE = 256
 RESULTS_DIR = Path("runs/yolov8n")
@@ -144,7 +144,7 @@ def comparison_text(
 apart from `fliplr`, 256 px, batch 32, `time=` the budget in hours):
 {runs_text}
 
-Test detections of every model are scored with `gcp.evaluate.compute_map` (conf 0.001, NMS IoU 0.6). Our row
+Test detections of every model are scored with `gcp.detection.evaluate.compute_map` (conf 0.001, NMS IoU 0.6). Our row
 re-scored {now()} at commit {git_revision()} (`--teacher {args.teacher}`).
 
 | model | params (M) | GMACs @256 | mAP@0.5 | mAP@0.5:0.95 |

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from gcp.prune import PruneResult
+    from gcp.core.prune import PruneResult
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def machine() -> str:
     """One line naming this machine: CPU model, core count, RAM, torch version."""
-    from gcp.latency import cpu_name
+    from gcp.runtime.timers import cpu_name
 
     cpu = cpu_name()
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -99,8 +99,8 @@ def tp_prune(
 ) -> PruneResult:
     """Step torch-pruning's pruner (its iterative steps, 0.25 % of channels each) until ``macs_cut`` of the
     MACs are gone; the result carries torch-pruning's history, so gcp's weights-only format replays it."""
-    from gcp.prune import PruneResult
-    from gcp.report import count_macs_params
+    from gcp.core.prune import PruneResult
+    from gcp.core.report import count_macs_params
 
     model.eval()
     base_macs, base_params = count_macs_params(model, example)

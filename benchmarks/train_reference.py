@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_revision, machine, now, write_section  # noqa: E402
 
 import gcp  # noqa: E402
-from gcp.data import VOCDataset, make_digit_scenes  # noqa: E402
-from gcp.evaluate import evaluate  # noqa: E402
-from gcp.models import YOLOV4_ANCHORS, scale_anchors, yolov4  # noqa: E402
-from gcp.report import count_macs_params  # noqa: E402
-from gcp.train import fit  # noqa: E402
+from gcp.core.report import count_macs_params  # noqa: E402
+from gcp.detection.data import VOCDataset, make_digit_scenes  # noqa: E402
+from gcp.detection.evaluate import evaluate  # noqa: E402
+from gcp.detection.models import YOLOV4_ANCHORS, scale_anchors, yolov4  # noqa: E402
+from gcp.detection.train import fit  # noqa: E402
 
 SIZE = 256
 BATCH = 32

@@ -1,5 +1,5 @@
 """Group spatial attention distillation (paper §4.3): forward-hook taps, the L_AT and L_soft losses, and a
-distiller that runs standalone or as a ``gcp.train.fit`` hook."""
+distiller that runs standalone or as a ``gcp.detection.train.fit`` hook."""
 
 from distill.distiller import (
     BALANCED_BETAS,

@@ -22,8 +22,8 @@ from distill.losses import (
     soft_class_loss,
 )
 from distill.taps import AttentionTaps
-from gcp.loss import YoloLoss
-from gcp.models.postprocess import decode, split_levels
+from gcp.detection.loss import YoloLoss
+from gcp.detection.models.postprocess import decode, split_levels
 
 # β_1..β_5 of paper §5.4, one per group, largest feature map first (for distance="mean_squared").
 PAPER_BETAS: tuple[float, ...] = (1000.0, 1000.0, 1000.0, 10000.0, 10000.0)
@@ -41,16 +41,16 @@ BatchReduction = Literal["sum", "mean"]
 
 
 def yolo_output_adapter(model: nn.Module) -> OutputAdapter:
-    """Per-scale class logits and decoded boxes of a :mod:`gcp.models` detector's raw outputs.
+    """Per-scale class logits and decoded boxes of a :mod:`gcp.detection.models` detector's raw outputs.
 
     The raw layout is ``[anchor][x, y, w, h, obj, cls...]`` per cell (docs/design.md); the k priors of a scale
-    are its A*H*W (anchor, cell) predictions, in the order of :func:`gcp.models.decode`, whose boxes (xyxy,
+    are its A*H*W (anchor, cell) predictions, in the order of :func:`gcp.detection.models.decode`, whose boxes (xyxy,
     input pixels) are split back per scale. Class *logits* are returned, as eq. 10-11 apply their own softmax.
     """
     missing = [name for name in ("anchors", "strides", "num_classes") if not hasattr(model, name)]
     if missing:
         raise ValueError(
-            f"{type(model).__name__} has no {missing}: it is not a gcp.models detector, so pass "
+            f"{type(model).__name__} has no {missing}: it is not a gcp.detection.models detector, so pass "
             "output_adapter=callable(outputs) -> [(class_logits (B, k, C), boxes_xyxy (B, k, 4)), ...], "
             "one pair per scale"
         )
@@ -83,7 +83,7 @@ def resolve_betas(betas: Sequence[float], num_taps: int) -> tuple[float, ...]:
 
 
 class GroupAttentionDistiller:
-    """Distillation losses of a student against a frozen teacher, standalone or as a ``gcp.train.fit`` hook.
+    """Distillation losses of a student against a frozen teacher, standalone or as a ``gcp.detection.train.fit`` hook.
 
     - Standalone: ``distiller(images, targets)`` runs both networks and returns ``{"at", "soft_cls",
       "soft_box", "hard", "total"}`` with ``total = at + soft_cls + soft_box + hard`` (eq. 4). Without
@@ -111,14 +111,14 @@ class GroupAttentionDistiller:
         iou_threshold: teacher boxes with at least this IoU against a ground-truth box are the candidates of
             the box term (eq. 12).
         hard_loss: ``hard_loss(outputs, targets)`` returning a tensor or a dict with ``"total"``; default
-            ``gcp.loss.YoloLoss(student)``. Only used by the standalone call.
+            ``gcp.detection.loss.YoloLoss(student)``. Only used by the standalone call.
         output_adapter: ``adapter(outputs) -> [(class_logits (B, k, C), boxes_xyxy_pixels (B, k, 4)), ...]``
-            per scale, for detectors other than :mod:`gcp.models`; default :func:`yolo_output_adapter`.
+            per scale, for detectors other than :mod:`gcp.detection.models`; default :func:`yolo_output_adapter`.
         distance: ``"squared"`` (default, equal weight per scale), ``"mean_squared"`` (with the paper's β) or
             ``"norm"`` (see :func:`distill.losses.attention_terms`).
         resize: an interpolation mode (e.g. ``"bilinear"``) to allow student maps of another size.
         batch_reduction: ``"sum"`` (default) multiplies the per-image means by the batch size, the convention
-            of ``gcp.loss.YoloLoss`` (a sum over images), so the balance between distillation and hard loss
+            of ``gcp.detection.loss.YoloLoss`` (a sum over images), so the balance between distillation and hard loss
             does not depend on the batch size; ``"mean"`` keeps per-image means (for a hard loss that
             averages).
         measure_every: every this many steps, measure each term's gradient norm (:class:`TermLog`, kept in
@@ -194,7 +194,7 @@ class GroupAttentionDistiller:
     def loss_terms(
         self, images: torch.Tensor, targets: Sequence[dict] | None, outputs: Any
     ) -> dict[str, torch.Tensor]:
-        """The ``gcp.train.fit`` hook: ``at``, ``soft_cls`` and ``soft_box`` for the student ``outputs`` just
+        """The ``gcp.detection.train.fit`` hook: ``at``, ``soft_cls`` and ``soft_box`` for the student ``outputs`` just
         computed from ``images`` (whose forward also filled the student taps). Runs the teacher on ``images``.
 
         Both taps are cleared afterwards, so no map outlives its step.

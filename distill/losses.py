@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
+from gcp.vocab import ATTENTION_DISTANCES
+
 AttentionDistance = Literal["squared", "mean_squared", "norm"]
-ATTENTION_DISTANCES: tuple[str, ...] = ("squared", "mean_squared", "norm")
 
 
 def spatial_attention(feature_map: torch.Tensor, p: float = 2.0) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gcp.core.registry import Adapter, resolve_adapter
 from grouping.trace import (
     ForwardFn,
     LayerTrace,
@@ -270,3 +271,23 @@ def _named_modules(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn
     if missing:
         raise ValueError(f"the model has no modules named {missing} (taps are matched by module name)")
     return [(name, by_name[name]) for name in names]
+
+
+def tap_layers(model: nn.Module, example_inputs: Any, adapter: str | Adapter | None = "auto") -> list[str]:
+    """Distillation taps (paper §4.3.1): one feature map per backbone stride, largest first.
+
+    The family's own ``taps`` when it declares them, else :func:`distill.taps.auto_tap_layers` traced through
+    the family's ``forward_fn``. Pass the names as ``taps=`` to :class:`distill.GroupAttentionDistiller`
+    (prefixed with ``"model."`` when the distiller runs on :func:`network` views).
+    """
+    resolved = resolve_adapter(model, adapter)
+    declared = resolved.taps(model) if resolved is not None and resolved.taps is not None else []
+    if declared:
+        return declared
+    forward_fn = resolved.forward_fn if resolved is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        return [t.name for t in auto_tap_layers(model, example_inputs, forward_fn=forward_fn)]
+    finally:
+        model.train(was_training)

@@ -4,7 +4,7 @@
   ``prune.ratio`` (and so ``gcp prune --ratio``) is checked against the same interval, so a config that loads is
   one that can be pruned; a config check looser than the pruner's only moves the error past data preparation.
 * The model-file bounds: how large a network and an example input a model file may ask the loader
-  (:mod:`gcp.serialize`) to build. A file's description is data read from disk, and a few edited numbers in it
+  (:mod:`gcp.core.serialize`) to build. A file's description is data read from disk, and a few edited numbers in it
   (``width: 1e4``, ``input_shape: [1, 3, 1e6, 1e6]``) would otherwise ask for terabytes before any check on its
   weights could run. The bounds are far above any detector gcp builds (YOLOv4 at width 1 has 64 M parameters,
   the paper's input is 416 px), so they only stop what no real file holds.

@@ -2,7 +2,7 @@
 
 ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_ddp_worker.py OUT``
 
-Trains the reference run into ``OUT/straight``, where :func:`gcp.train.fit` initialises the process group from
+Trains the reference run into ``OUT/straight``, where :func:`gcp.detection.train.fit` initialises the process group from
 torchrun's environment and must leave it open; then the same run into ``OUT/resumed``, interrupted in the
 middle of epoch 1, and resumes it, both in that same group, as the pipeline's successive stages do. Tearing a
 group down and initialising another in one launch is what this test must not do: torchrun's rendezvous store
@@ -34,7 +34,7 @@ from _train_toys import (
     toy_sum_loss,
 )
 
-from gcp.train import fit
+from gcp.detection.train import fit
 
 EPOCHS = 4
 INTERRUPT_AT_CALL = 6  # the 2nd of epoch 1's four steps per rank

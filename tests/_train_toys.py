@@ -145,6 +145,6 @@ class FixedDetection(ToyDetection):
 
 
 def toy_sum_loss(outputs: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
-    """toy_loss summed over the batch's images (the convention of gcp.loss.YoloLoss): the terms a batch of 2B
+    """toy_loss summed over the batch's images (the convention of gcp.detection.loss.YoloLoss): the terms a batch of 2B
     images gives are the sums of those its two halves give."""
     return {name: value * len(targets) for name, value in toy_loss(outputs, targets).items()}

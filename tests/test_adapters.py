@@ -13,7 +13,9 @@ from torchvision.models import detection
 from torchvision.ops import box_convert
 
 import gcp
-from gcp.adapters import (
+from distill.taps import tap_layers
+from gcp.core.graph import build_graph
+from gcp.core.registry import (
     Adapter,
     adapter_names,
     find_adapter,
@@ -21,10 +23,8 @@ from gcp.adapters import (
     network,
     register_adapter,
     split_output_channels,
-    tap_layers,
     unregister_adapter,
 )
-from gcp.graph import build_graph
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics must never reach for the network in tests
 
@@ -314,7 +314,7 @@ def test_ultralytics_soft_outputs_match_its_own_decoding(yolo_models):
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_ultralytics_pruned_network_exports_to_onnx(yolo_models, tmp_path):
-    export = pytest.importorskip("gcp.export")
+    export = pytest.importorskip("gcp.runtime.export")
     model = copy.deepcopy(yolo_models["yolov8n.yaml"])
     quiet_prune(model, YOLO_INPUT, ratio=0.3, method="l1")
     worst = export.export_onnx(network(model), YOLO_INPUT, tmp_path / "yolo.onnx")
@@ -436,7 +436,7 @@ def test_frozen_batchnorm_of_pretrained_backbones_becomes_prunable():
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_torchvision_pruned_network_exports_to_onnx(tmp_path):
-    export = pytest.importorskip("gcp.export")
+    export = pytest.importorskip("gcp.runtime.export")
     model = torchvision_model("ssdlite320_mobilenet_v3_large")
     quiet_prune(model, TV_INPUT, ratio=0.3, method="l1")
     # the transform unbinds the batch into a list of images, so the exported batch size is fixed

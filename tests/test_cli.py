@@ -1,5 +1,5 @@
 """Smoke tests of every ``gcp`` subcommand on a tiny config (YOLOv4 width 0.125 at 64 px, 8 DigitScenes
-training images, one optimiser step per stage), run in-process through ``gcp.cli.main``, plus the run-directory
+training images, one optimiser step per stage), run in-process through ``gcp.app.cli.main``, plus the run-directory
 rules (refuse, resume, overwrite) and ``gcp demo`` end to end."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcp.cli import main
-from gcp.models import yolov4
-from gcp.pipeline import load_model
-from gcp.serialize import load_pruned
-from gcp.train import load_checkpoint
+from gcp.app.cli import main
+from gcp.app.pipeline import load_model
+from gcp.core.serialize import load_pruned
+from gcp.detection.models import yolov4
+from gcp.detection.train import load_checkpoint
 from grouping import prunable_norms
 
 COMMANDS = (
@@ -350,7 +350,7 @@ def test_demo_without_teacher_says_how_to_make_one(tiny_config: Path, tmp_path: 
 def test_demo_sparse_start_is_the_shipped_stage1_model_only_for_the_shipped_teacher(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from gcp.pipeline import SHIPPED_SPARSE, RunError, sparse_start
+    from gcp.app.pipeline import SHIPPED_SPARSE, RunError, sparse_start
 
     def ctx(sparse=None, teacher=None):
         return SimpleNamespace(

@@ -1,5 +1,5 @@
 """The ``gcp`` stages on a user's Ultralytics model (``model.name: ultralytics``), run in-process through
-``gcp.cli.main``: YOLOv8n from its packaged YAML on a tiny YOLO-format data.yaml (tests/_ultralytics_toys.py),
+``gcp.app.cli.main``: YOLOv8n from its packaged YAML on a tiny YOLO-format data.yaml (tests/_ultralytics_toys.py),
 one epoch per training stage at 64 px on CPU, nothing downloaded."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ pytest.importorskip("ultralytics")
 from _ultralytics_toys import IMGSZ, offline_ultralytics, write_boxes_dataset  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 
-from gcp.cli import main  # noqa: E402
-from gcp.data import DatasetError, YOLODataset, read_data_yaml  # noqa: E402
+from gcp.app.cli import main  # noqa: E402
+from gcp.detection.data import DatasetError, YOLODataset, read_data_yaml  # noqa: E402
 
 FIT = "{epochs: 1, batch_size: 4, warmup_epochs: 0}"
 CONFIG = f"""\
@@ -166,7 +166,7 @@ def test_bad_inputs_are_one_line_errors(
     assert "has finished its training, which Ultralytics cannot resume" in capsys.readouterr().err
 
     monkeypatch.setitem(sys.modules, "ultralytics", None)  # as if it were not installed
-    monkeypatch.delitem(sys.modules, "gcp.adapters.ultralytics_pipeline")
+    monkeypatch.delitem(sys.modules, "gcp.app.ultralytics.family")
     assert gcp(config, tmp_path / "missing", "prune") == 2
     assert "pip install 'gcp[ultralytics]'" in capsys.readouterr().err
 

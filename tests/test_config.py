@@ -1,4 +1,4 @@
-"""Tests of gcp.config: the packaged configs, strict loading (unknown keys, types, ranges, paths) and overrides."""
+"""Tests of gcp.app.config: the packaged configs, strict loading (unknown keys, types, ranges, paths) and overrides."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from _core_toys import ToyDetector, randomise_bn
 
 from gcp import prune_detector
-from gcp.config import (
+from gcp.app.config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
@@ -207,23 +207,6 @@ def test_config_refuses_exactly_the_prune_ratios_prune_detector_refuses(ratio: f
 def test_config_takes_prune_ratios_just_inside_the_range() -> None:
     for ratio in (1e-6, 0.5, 0.999999):
         assert build_config({"prune": {"ratio": ratio}}).prune.ratio == ratio
-
-
-def test_config_choices_name_what_prune_detector_accepts() -> None:
-    from gcp import config, prune
-
-    assert config.BN_FREE == prune.BN_FREE and set(config.COUPLINGS) == set(prune.COUPLINGS)
-
-
-def test_config_sparsity_constants_are_the_hooks() -> None:
-    from gcp import config, sparsity
-
-    assert config.SPARSITY_MECHANISMS == sparsity.MECHANISMS
-    assert (config.DEFAULT_PUSH_FLOOR, config.DEFAULT_TARGET, config.DEFAULT_SCORE_SHARE) == (
-        sparsity.DEFAULT_PUSH_FLOOR,
-        sparsity.DEFAULT_TARGET,
-        sparsity.DEFAULT_SCORE_SHARE,
-    )
 
 
 def test_an_ultralytics_model_needs_its_file_a_data_yaml_and_what_its_trainer_can_do() -> None:

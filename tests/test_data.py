@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from gcp.config import build_config
-from gcp.data import (
+from gcp.app.config import build_config
+from gcp.app.pipeline import Context, RunDir
+from gcp.detection.data import (
     VOC_CLASSES,
     COCODataset,
     CorruptFileError,
@@ -24,9 +25,8 @@ from gcp.data import (
     collate,
     make_digit_scenes,
 )
-from gcp.data.digits import CLASS_NAMES, PARAMS_FILE, glyph_pools, load_glyphs, render_glyph
-from gcp.loss import targets_to_tensor
-from gcp.pipeline import Context, RunDir
+from gcp.detection.data.digits import CLASS_NAMES, PARAMS_FILE, glyph_pools, load_glyphs, render_glyph
+from gcp.detection.loss import targets_to_tensor
 
 WHITE = (255, 255, 255)
 
@@ -95,7 +95,7 @@ def test_voc_reader_yields_letterboxed_design_format(tmp_path):
 
 def test_voc_keeps_difficult_objects_for_scoring_but_not_as_training_targets(tmp_path):
     # issue 15 item 2: the reader used to drop difficult objects, so a detection on one scored as a false
-    # positive. They now travel in difficult_boxes/difficult_labels (what gcp.evaluate ignores matches to),
+    # positive. They now travel in difficult_boxes/difficult_labels (what gcp.detection.evaluate ignores matches to),
     # never in boxes/labels (what the loss trains on).
     write_voc(tmp_path, TWO_VOC_IMAGES)
     _, target = VOCDataset(tmp_path, "train", size=64)[1]

@@ -28,8 +28,8 @@ from distill import (
     soft_class_loss,
     spatial_attention,
 )
-from gcp.loss import YoloLoss
-from gcp.models import mobilenet_yolov3, yolov3, yolov4
+from gcp.detection.loss import YoloLoss
+from gcp.detection.models import mobilenet_yolov3, yolov3, yolov4
 
 IMAGE_SIZE = 64
 NUM_CLASSES = 3
@@ -477,7 +477,7 @@ def test_a_failed_construction_leaves_no_hooks() -> None:
 
 
 class DictOutputDetector(nn.Module):
-    """A detector outside gcp.models: no anchors attribute, outputs a dict; distilled through an adapter."""
+    """A detector outside gcp.detection.models: no anchors attribute, outputs a dict; distilled through an adapter."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -557,7 +557,7 @@ class BoxDataset(Dataset):
 
 
 def test_plugs_into_fit_as_a_hook() -> None:
-    from gcp.train import fit
+    from gcp.detection.train import fit
 
     teacher = ToyDetector()
     student = copy.deepcopy(teacher)
@@ -589,7 +589,7 @@ def test_real_yolov4_student_pruned_by_torch_pruning_distils() -> None:
 
 
 def test_term_log_keeps_every_tap_and_each_terms_gradient_norm_per_epoch() -> None:
-    from gcp.train import fit
+    from gcp.detection.train import fit
 
     teacher = ToyDetector()
     student = copy.deepcopy(teacher)

@@ -11,14 +11,14 @@ import torch
 from _core_toys import ToyDetector, randomise_bn
 
 import gcp
-from gcp.export import (
+from gcp.detection.models import yolov4
+from gcp.runtime.export import (
     build_tensorrt_engine,
     compare_latency,
     export_onnx,
     latency_onnxruntime,
     latency_tensorrt,
 )
-from gcp.models import yolov4
 
 X = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -158,7 +158,7 @@ def test_models_timed_in_turns_have_onnxruntime_threads_that_sleep_between_runs(
 ):
     """Spinning worker threads of the idle sessions would steal the running one's cores (up to 2x slower)."""
     timing_sessions = []
-    make_session = gcp.export._ort_session
+    make_session = gcp.runtime.export.ort_session
 
     def recording_session(source, threads=None, **kwargs):
         session = make_session(source, threads, **kwargs)
@@ -166,7 +166,7 @@ def test_models_timed_in_turns_have_onnxruntime_threads_that_sleep_between_runs(
             timing_sessions.append(session.get_session_options())
         return session
 
-    monkeypatch.setattr(gcp.export, "_ort_session", recording_session)
+    monkeypatch.setattr(gcp.runtime.export, "ort_session", recording_session)
     compare_latency({"base": base, "pruned": pruned}, (1, 3, 64, 64), tmp_path, runs=1, warmup=0)
     assert len(timing_sessions) == 2
     assert all(o.get_session_config_entry("session.intra_op.allow_spinning") == "0" for o in timing_sessions)

@@ -193,7 +193,7 @@ def test_quantile_threshold_removes_exactly_the_rounded_count(values, ratio):
 def test_partition_reproduces_the_papers_five_yolov4_groups():
     """Paper §4.2.1 / §5.3: G1 backbone to stride 8, G2 stride 16, G3 stride 32 with the CBLs around SPP,
     G4 the PANet top-down neck, G5 the heads with the bottom-up path."""
-    from gcp.models import yolov4
+    from gcp.detection.models import yolov4
 
     model = yolov4(num_classes=3, width=0.125, depth=0.33).eval()
     groups = partition(model, torch.randn(1, 3, 128, 128))
@@ -225,7 +225,7 @@ def test_full_depth_yolov4_groups_hold_as_many_bn_layers_as_the_papers_layer_ran
     stage, 6 around SPP), Group4 117–136 has 14, Group5 137–161 has 15. Group1 0–55 and Group2 56–85 hold
     38 + 21: layer 55, the stride-2 CBM opening the 26×26 stage, is in our stride-16 group, as §5.3's own
     description of Group2 ("the feature layer at 26×26 scales along with the CSP module") places it."""
-    from gcp.models import yolov4
+    from gcp.detection.models import yolov4
 
     model = yolov4(num_classes=3, width=0.125, depth=1.0).eval()
     groups = partition(model, torch.randn(1, 3, 64, 64))
@@ -234,7 +234,7 @@ def test_full_depth_yolov4_groups_hold_as_many_bn_layers_as_the_papers_layer_ran
 
 
 def test_yolov3_cbl_before_the_first_upsample_is_neck_not_backbone():
-    from gcp.models import yolov3
+    from gcp.detection.models import yolov3
 
     model = yolov3(num_classes=3, width=0.125, depth=0.33).eval()
     groups = {g.name: g for g in partition(model, torch.randn(1, 3, 128, 128))}

@@ -16,23 +16,25 @@ from _core_toys import MobileToy, ToyDetector, randomise_bn
 from torch import nn
 
 import gcp
-from gcp.graph import build_graph
-from gcp.latency import (
+from gcp.core.graph import build_graph
+from gcp.core.latency import (
     ACTIVATIONS,
     FORMAT,
     ConvSpec,
     LayerTimes,
-    OnnxRuntimeTimer,
-    TensorRTTimer,
     activation_after,
     channel_grid,
+    table_key,
+)
+from gcp.core.prune import _final_share
+from gcp.core.report import count_macs_params
+from gcp.runtime.timers import (
+    OnnxRuntimeTimer,
+    TensorRTTimer,
     compare_profiles,
     conv_graph,
     profile_onnxruntime,
-    table_key,
 )
-from gcp.prune import _final_share
-from gcp.report import count_macs_params
 from grouping.trace import run_forward
 
 X = torch.randn(1, 3, 64, 64)
@@ -196,7 +198,7 @@ def test_networks_that_differ_only_in_a_stride_get_their_own_tables(tmp_path):
 
 
 def test_the_cache_key_covers_the_forward_that_was_traced():
-    from gcp.latency import TracedNetwork, forward_signature
+    from gcp.core.latency import TracedNetwork, forward_signature
 
     model = Strided()
     plain = forward_signature(TracedNetwork(model))
@@ -394,7 +396,7 @@ HEADS = ("head8.1", "head16.1")  # prediction convs keep their outputs
 
 def prune_with_cpu_block(monkeypatch, block, **kw):
     """prune_detector's default on a machine whose ONNX Runtime channel block is ``block`` (8: AVX2, 16: AVX-512)."""
-    monkeypatch.setattr("gcp.latency.channel_block", lambda: block)
+    monkeypatch.setattr("gcp.runtime.timers.channel_block", lambda: block)
     model = fresh(width=8)  # an 8-channel stem
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -436,7 +438,7 @@ def test_a_latency_budget_rounds_to_the_timed_runtimes_own_block(tmp_path, align
 
 
 def test_a_model_smaller_than_the_default_multiple_is_pruned_unrounded(monkeypatch):
-    monkeypatch.setattr("gcp.prune.DEFAULT_ROUND_TO", 1024)  # larger than every layer of the toy
+    monkeypatch.setattr("gcp.core.prune.DEFAULT_ROUND_TO", 1024)  # larger than every layer of the toy
     report = gcp.prune_detector(fresh(), X, ratio=0.3, budget="macs").report
     assert report["round_to"] is None and report["achieved"] == pytest.approx(0.3, abs=0.02)
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gcp.loss import YoloLoss, assign_level, targets_to_tensor
-from gcp.models import YOLOV4_ANCHORS, scale_anchors, yolov4
+from gcp.detection.loss import YoloLoss, assign_level, targets_to_tensor
+from gcp.detection.models import YOLOV4_ANCHORS, scale_anchors, yolov4
 
 INPUT = 128  # grids of 16, 8 and 4 cells
 GRIDS = tuple(INPUT // s for s in (8, 16, 32))

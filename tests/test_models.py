@@ -11,7 +11,7 @@ import torch
 import torch_pruning as tp
 import torchvision
 
-from gcp.models import (
+from gcp.detection.models import (
     BUILDERS,
     YOLOV4_ANCHORS,
     build,
@@ -22,7 +22,7 @@ from gcp.models import (
     yolov3,
     yolov4,
 )
-from gcp.models.common import scale_channels, scale_depth
+from gcp.detection.models.common import scale_channels, scale_depth
 
 TINY = {
     "yolov4": {"width": 0.125, "depth": 0.33},

@@ -6,7 +6,7 @@ import torch
 from _core_toys import ToyDetector, randomise_bn
 
 from gcp import DynamicSparsity
-from gcp.plots import gammas_by_group, plot_gamma_histograms, plot_sparsity_history, plot_tradeoff
+from gcp.app.plots import gammas_by_group, plot_gamma_histograms, plot_sparsity_history, plot_tradeoff
 from grouping import Group, partition
 
 X = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))

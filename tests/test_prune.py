@@ -8,9 +8,9 @@ from _core_toys import C2fToy, MobileToy, ToyDetector, cbl, randomise_bn
 from torch import nn
 
 import gcp
-from gcp.graph import build_graph
-from gcp.importance import BNGammaImportance, L1FilterImportance, ThiNetImportance, conv_columns
-from gcp.report import count_macs_params
+from gcp.core.graph import build_graph
+from gcp.core.importance import BNGammaImportance, L1FilterImportance, ThiNetImportance, conv_columns
+from gcp.core.report import count_macs_params
 from grouping import prediction_layers
 
 X = torch.randn(1, 3, 64, 64)
@@ -256,7 +256,7 @@ def test_load_rejects_other_architecture_truncated_and_tampered(tmp_path):
     torch.save(payload, tmp_path / "edited.pt")
     with pytest.raises(ValueError, match="corruption check failed"):
         gcp.load_pruned(tmp_path / "edited.pt", base=ToyDetector())
-    with pytest.raises(ValueError, match="not built by gcp.models"):
+    with pytest.raises(ValueError, match="not built by gcp.detection.models"):
         gcp.load_pruned(path)
 
 
@@ -327,7 +327,7 @@ def test_groups_from_a_yaml_file(tmp_path):
 @pytest.mark.parametrize("method", ["gcp", "slim"])
 def test_tied_gamma_of_a_fresh_model_still_meet_the_ratio_deterministically(method):
     """Every γ = 1 in a freshly built model: the filter-norm tie-break decides, the same way every time."""
-    from gcp.models import yolov4
+    from gcp.detection.models import yolov4
 
     reports = []
     for _ in range(2):
@@ -344,7 +344,7 @@ def test_tied_gamma_of_a_fresh_model_still_meet_the_ratio_deterministically(meth
 
 
 def test_groups_that_leave_layers_out_are_refused_by_name():
-    from gcp.models import yolov4
+    from gcp.detection.models import yolov4
 
     model = yolov4(num_classes=3, width=0.125, depth=0.33)
     before = copy.deepcopy(model.state_dict())

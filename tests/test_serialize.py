@@ -1,4 +1,4 @@
-"""Tests of gcp.serialize: the digest is a corruption check (not tamper protection), and a model file's
+"""Tests of gcp.core.serialize: the digest is a corruption check (not tamper protection), and a model file's
 description cannot make the loader allocate an absurd network or input."""
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import pytest
 import torch
 
 import gcp
-import gcp.models
-from gcp.models import yolov4
-from gcp.serialize import ModelFileError, _digest, load_model, load_pruned, save_model
+import gcp.detection.models
+from gcp.core.serialize import ModelFileError, _digest, load_model, load_pruned, save_model
+from gcp.detection.models import yolov4
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def pruned_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real pruned checkpoint of a tiny gcp.models YOLOv4 (its builder is recorded in the file)."""
+    """A real pruned checkpoint of a tiny gcp.detection.models YOLOv4 (its builder is recorded in the file)."""
     model = yolov4(num_classes=2, width=0.125, depth=0.33)
     result = gcp.prune_detector(model, torch.zeros(1, 3, SIZE, SIZE), ratio=0.2, method="l1")
     return result.save(tmp_path_factory.mktemp("pruned") / "pruned.pt")
@@ -57,7 +57,7 @@ def test_the_digest_is_a_corruption_check_that_an_editor_can_recompute(
     # module says so rather than promising tamper protection.
     edited = rewrite(pruned_file, tmp_path / "edited.pt", report__note="edited")
     assert isinstance(load_pruned(edited), torch.nn.Module)
-    doc = gcp.serialize.__doc__
+    doc = gcp.core.serialize.__doc__
     assert "corruption check" in doc and "not a signature" in doc
 
 
@@ -74,7 +74,7 @@ def test_the_digest_is_a_corruption_check_that_an_editor_can_recompute(
         ({"builder__kwargs__channels": 64}, r"builder 'yolov4' takes no argument\(s\) \['channels'\]"),
         # Inside every per-argument bound, but 4 G parameters: refused from its count on the meta device.
         ({"builder__kwargs__width": 8.0}, r"would have [\d,]+ parameters, more than the 1,073,741,824"),
-        ({"builder__name": "resnet"}, r"made for architecture 'resnet', which gcp\.models does not have"),
+        ({"builder__name": "resnet"}, r"made for architecture 'resnet', which no registered builder makes"),
         ({"history": [["neck.x", "out", [1]]]}, r"pruning history is not a list of"),
     ],
 )
@@ -83,14 +83,14 @@ def test_a_crafted_description_is_refused_before_anything_is_built(
 ) -> None:
     crafted = rewrite(pruned_file, tmp_path / "crafted.pt", **changes)
     built = []
-    original = gcp.models.BUILDERS["yolov4"]
+    original = gcp.detection.models.BUILDERS["yolov4"]
 
     @functools.wraps(original)
     def recording(**kwargs: object) -> torch.nn.Module:
         built.append(torch.get_default_device())
         return original(**kwargs)
 
-    monkeypatch.setitem(gcp.models.BUILDERS, "yolov4", recording)
+    monkeypatch.setitem(gcp.detection.models.BUILDERS, "yolov4", recording)
     start = time.perf_counter()
     with pytest.raises(ModelFileError, match=message) as error:
         load_pruned(crafted)
@@ -113,7 +113,7 @@ def test_a_dense_file_is_checked_by_the_same_bounds(tmp_path: Path) -> None:
 
 def test_the_default_bounds_admit_the_papers_full_size_models() -> None:
     """The paper's YOLOv4 at 416 px (and a batch of 16 at 640 px) are far inside the bounds."""
-    from gcp.serialize import _build_recorded, _check_input_shape
+    from gcp.core.serialize import _build_recorded, _check_input_shape
 
     path = Path("paper.pt")
     assert _check_input_shape([16, 3, 640, 640], path) == [16, 3, 640, 640]

@@ -249,7 +249,7 @@ def test_selective_with_costs_chooses_least_importance_per_cost_up_to_a_cost_sha
 def test_channel_costs_are_each_channels_share_of_the_macs():
     """conv(3→8) → BN → conv(8→4) at 8×8: a BN channel takes 1/8 of the first conv's MACs and 1/8 of the
     second's (the second feeds the output and keeps its own outputs, so its BN has no cost)."""
-    from gcp.prune import channel_costs
+    from gcp.core.prune import channel_costs
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
     costs = channel_costs(model, torch.zeros(1, 3, 8, 8))
@@ -332,7 +332,7 @@ def test_follow_schedule_scales_gammas_own_step_by_the_trainers_lr():
 def test_fit_tells_hooks_each_steps_share_of_the_base_lr():
     from _train_toys import ToyDetection, make_model, toy_loss
 
-    from gcp.train import fit
+    from gcp.detection.train import fit
 
     class Recorder:
         scales: list[float] = []
@@ -387,10 +387,10 @@ def test_frozen_gammas_are_left_alone(mechanism):
 
 
 def sparse_fit(ema):
-    """A short gcp.train.fit run whose hook drives every γ of the toy detector to exactly 0."""
+    """A short gcp.detection.train.fit run whose hook drives every γ of the toy detector to exactly 0."""
     from _train_toys import ToyDetection, make_model, toy_loss
 
-    from gcp.train import fit
+    from gcp.detection.train import fit
 
     model = make_model()
     sparsity = DynamicSparsity(model, s=10.0, lr=0.5, push_floor=1.0, switch_at=1.0)

@@ -1,4 +1,4 @@
-"""Tests of gcp.train: schedule, parameter groups, hook order, checkpoints, resume and DDP (gloo, CPU)."""
+"""Tests of gcp.detection.train: schedule, parameter groups, hook order, checkpoints, resume and DDP (gloo, CPU)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from _train_toys import (
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from gcp.data import batch_to
-from gcp.serialize import ModelFileError
-from gcp.train import (
+from gcp.core.serialize import ModelFileError
+from gcp.detection.data import batch_to
+from gcp.detection.train import (
     CHECKPOINT_FORMAT,
     EMA_DECAY,
     EMA_RAMP_UPDATES,

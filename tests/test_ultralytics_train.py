@@ -1,4 +1,4 @@
-"""Stages 1 and 3 on an Ultralytics model with Ultralytics' own trainer (gcp.adapters.ultralytics.train).
+"""Stages 1 and 3 on an Ultralytics model with Ultralytics' own trainer (gcp.app.ultralytics.trainer.train).
 
 A tiny YOLO-format dataset (64 px images of coloured boxes, two classes; tests/_ultralytics_toys.py) is written
 into a temporary folder; every run is one epoch of YOLOv8n at 64 px on CPU, with nothing downloaded.
@@ -19,8 +19,10 @@ from ultralytics import YOLO  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
 import gcp  # noqa: E402
-from gcp.adapters.ultralytics import train  # noqa: E402
-from gcp.adapters.ultralytics_train import PRUNING_RECORD  # noqa: E402
+from gcp.app.ultralytics.trainer import (
+    PRUNING_RECORD,  # noqa: E402
+    train,  # noqa: E402
+)
 
 CLASSES = len(CLASS_NAMES)
 TRAIN = {"imgsz": IMGSZ, "batch": 4, "nbs": 4, "plots": False, "workers": 0, "seed": 0}
@@ -225,7 +227,7 @@ class Clock:
 def test_hooks_get_real_optimiser_steps_and_the_lr_scale_through_the_warm_up(data_yaml, tmp_path):
     """With nbs > batch Ultralytics accumulates gradients over a count its warm-up ramps from 1 to nbs / batch:
     on_step must count the steps it takes, against the total it will take, and on_lr (follow_schedule) must get
-    the lr of each step over the base lr, as gcp.train.fit gives them."""
+    the lr of each step over the base lr, as gcp.detection.train.fit gives them."""
     clock = Clock()
     run = {**TRAIN, "batch": 2, "nbs": 8, "warmup_epochs": 2, "val": False}
     train(yolov8n(), data_yaml, epochs=3, hooks=[clock], project=str(tmp_path), name="run", **run)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import Adapter, rewrite_modules, split_output_channels
+from gcp.core.registry import Adapter, rewrite_modules, split_output_channels
 
 
 def is_timm_features(model: nn.Module) -> bool:

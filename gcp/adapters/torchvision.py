@@ -29,7 +29,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import Adapter, convs_feeding_groupnorm, image_list, rewrite_modules
+from gcp.core.registry import Adapter, convs_feeding_groupnorm, image_list, rewrite_modules
 
 _ONE_STAGE = (detection.RetinaNet, detection.FCOS, SSD)
 

@@ -14,26 +14,22 @@ Three things stop plain torch-pruning on these models, and this adapter handles 
 
 :func:`train` runs stages 1 and 3 of the method (sparse training, distillation) on such a model, pruned or not,
 with Ultralytics' own trainer, loss, augmentation and ``data.yaml``; :func:`postprocess` turns its outputs into
-detections for :func:`gcp.evaluate`, and :mod:`gcp.adapters.ultralytics_pipeline` runs the ``gcp`` command's
+detections for :func:`gcp.detection.evaluate`, and :mod:`gcp.app.ultralytics.family` runs the ``gcp`` command's
 stages on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
 from torch import nn
 
-from . import Adapter, SoftOutputs, rewrite_modules, split_output_channels
+from gcp.core.registry import Adapter, SoftOutputs, rewrite_modules, split_output_channels
 
 if TYPE_CHECKING:
-    from ultralytics import YOLO
-
-    from gcp.prune import PruneResult
+    pass
 
 # Attributes Ultralytics' DetectionModel reads off every top-level block to route its forward pass.
 _ROUTING_ATTRIBUTES = ("f", "i", "type", "np")
@@ -155,7 +151,7 @@ def split_blocks(model: nn.Module) -> int:
 def _per_level(outputs: Any, levels: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(box bins (B, 4·reg_max, HW), class logits (B, nc, HW), a map of the level's size) for each level.
 
-    Accepts the adapter's raw head maps (:func:`gcp.adapters.network`) as well as the model's own outputs: the
+    Accepts the adapter's raw head maps (:func:`gcp.core.registry.network`) as well as the model's own outputs: the
     training dict ``{"boxes", "scores", "feats"}`` (one-to-many branch for end-to-end heads) or the eval tuple
     ``(decoded, dict)``, so the distiller can run on the plain DetectionModel.
     """
@@ -203,8 +199,8 @@ def postprocess(
 ) -> list[dict[str, torch.Tensor]]:
     """Detections per image (``boxes`` xyxy in input pixels, ``scores``, ``labels``) from the model's eval-mode
     outputs, by Ultralytics' own NMS as its validator calls it (multi-label, class-aware; end-to-end heads are
-    only thresholded), so that :func:`gcp.evaluate` scores an Ultralytics model as ``YOLO.val`` would. Boxes are
-    clipped to the input, as :func:`gcp.models.postprocess` does for gcp's detectors."""
+    only thresholded), so that :func:`gcp.detection.evaluate` scores an Ultralytics model as ``YOLO.val`` would. Boxes are
+    clipped to the input, as :func:`gcp.detection.models.postprocess` does for gcp's detectors."""
     from ultralytics.utils.nms import non_max_suppression
 
     _, detect = detect_head(model)
@@ -226,66 +222,6 @@ def postprocess(
         }
         for rows in kept
     ]
-
-
-def train(
-    model: YOLO | nn.Module | PruneResult,
-    data: str | Path,
-    *,
-    epochs: int,
-    hooks: Sequence[Any] = (),
-    teacher: YOLO | nn.Module | None = None,
-    distill_options: Mapping[str, Any] | None = None,
-    **overrides: Any,
-) -> Path:
-    """Train an Ultralytics detector as it is (pruned or not) with Ultralytics' trainer; returns the checkpoint.
-
-    ``YOLO.train`` rebuilds the network from its YAML, so a pruned model would silently be replaced by a fresh
-    unpruned one; here the given module itself is trained (in place), and the checkpoints Ultralytics writes
-    pickle it, so ``ultralytics.YOLO(path)`` loads the pruned architecture for ``val``, ``predict`` and
-    ``export`` (with gcp importable: pruned C2f blocks are :class:`SplitC2f`).
-
-    Args:
-        model: a ``YOLO`` object (its callbacks are used), a ``DetectionModel``, or the ``PruneResult`` of
-            ``gcp.prune_detector``, whose pruning record the module then carries through every later
-            checkpoint. Its number of classes must match ``data``.
-        data: the ``data.yaml`` of a YOLO-format dataset.
-        epochs: training epochs.
-        hooks: ``gcp.train.fit`` hooks (``docs/design.md``, "Trainer hooks"), built on this module:
-            ``after_backward(epoch, total_epochs)`` runs after backward, after AMP's unscaling and Ultralytics'
-            gradient clipping, before the update of whichever optimiser the trainer holds at that step
-            (``gcp.DynamicSparsity``, paper §4.1, stage 1), preceded by ``on_lr(scale)`` and ``on_step(step,
-            total_steps)`` as ``gcp.train.fit`` calls them (γ's lr over its base lr; real optimiser steps
-            through the warm-up's growing gradient accumulation); ``loss_terms(images, targets, outputs)`` adds
-            terms to Ultralytics' loss; ``on_epoch_end(epoch, metrics)``; ``state_dict`` / ``load_state_dict``
-            are saved beside ``last.pt`` for resuming.
-        teacher: the unpruned model (``YOLO`` or ``DetectionModel``) for group spatial attention distillation
-            (paper §4.3, stage 3): L_AT at the backbone's strides 2-32, L_soft on the Detect head's class
-            logits and DFL-decoded boxes, Ultralytics' detection loss as L_hard; each term is logged as
-            ``train/<term>`` in ``results.csv`` and with its gradient norm in ``distill_terms.json``.
-        distill_options: keyword arguments of ``distill.GroupAttentionDistiller`` (``betas``,
-            ``temperature``, ``soft_weight``, ``taps``, ...).
-        **overrides: Ultralytics' own train arguments (``imgsz``, ``batch``, ``lr0``, ``device``, ``val``,
-            ``plots``, ``project``, ``name``, ...), passed through unchanged. ``resume=True`` continues the run
-            of a ``YOLO`` loaded from its ``last.pt`` (``resume='path/to/last.pt'`` for any module of that
-            architecture); hooks and teacher must be given again, and their state is restored. One device only.
-
-    Returns the final checkpoint, whose weights the module ends with. With hooks that edit the weights
-    (``after_backward``, e.g. sparse training) it is ``last.pt``, the end of the schedule: ``best.pt`` is the
-    epoch of the best validation mAP, usually one from before the sparsity took hold. Its weights are then the
-    trained ones and the hooks' history describes them: Ultralytics' EMA, which it validates and saves and
-    which would average away the exact zeros the hook set, is set to the trained weights at every epoch end.
-    Without such hooks it is ``best.pt`` (else ``last.pt``). Beside it ``gcp_last.pt`` (or ``gcp_best.pt``)
-    holds the same weights in gcp's weights-only format, which
-    ``gcp.load_pruned(path, base=DetectionModel(cfg, nc=nc))`` rebuilds without unpickling code: written for a
-    model pruned by ``prune_detector`` (passed as its ``PruneResult``, then or in an earlier run) and for an
-    unpruned one (empty history); not for a model pruned by other means, whose history is unknown.
-    """
-    from .ultralytics_train import train as run
-
-    return run(
-        model, data, epochs=epochs, hooks=hooks, teacher=teacher, distill_options=distill_options, **overrides
-    )
 
 
 ADAPTER = Adapter(
