@@ -112,31 +112,12 @@ def partition(
     if not norms:
         raise ValueError("the model has no affine BatchNorm layer, so there is no γ to group by")
     if observation is None:
-        was_training = model.training
-        model.eval()
-        try:
-            observation = observe(model, example_inputs, forward_fn, output_transform, watch=norms.values())
-        finally:
-            model.train(was_training)
-    traces, predictions = observation.traces, set(observation.predictions)
+        observation = _observe_in_eval_mode(model, example_inputs, forward_fn, output_transform, norms)
+    order = {t.name: t.order for t in observation.traces}
+    strides = {t.name: t.stride for t in observation.traces}
+    ran = sorted((n for n in norms if n in order), key=order.__getitem__)
     reached = {name: observation.reached.get(name, set()) for name in norms}
-
-    order = {t.name: t.order for t in traces}
-    strides = {t.name: t.stride for t in traces}
-    ran = [n for n in norms if n in order]
-    ran.sort(key=order.__getitem__)
     n_outputs = len(set().union(*reached.values())) if reached else 0
-
-    # The first time the feature map gets larger marks the end of the backbone.
-    backbone_end = len(traces)
-    running_max = 0
-    for t in traces:
-        if t.stride and t.stride < running_max:
-            backbone_end = t.order
-            break
-        running_max = max(running_max, t.stride)
-    first_prediction = min((order[p] for p in predictions if p in order), default=len(traces))
-
     if n_outputs < 2 or n_groups < 3:
         warnings.warn(
             f"partition: the model has {n_outputs} output(s); backbone/neck/head cannot be told apart, "
@@ -144,7 +125,56 @@ def partition(
             stacklevel=2,
         )
         return _stride_groups(ran, strides, n_groups, "stride", "stride")
+    backbone, neck, head = _split_by_structure(observation, ran, order, reached)
+    if not backbone or not head:
+        warnings.warn(
+            "partition: could not find both a backbone and a head in the traced graph, "
+            "falling back to stride-only groups",
+            stacklevel=2,
+        )
+        return _stride_groups(ran, strides, n_groups, "stride", "stride")
+    n_backbone = max(1, n_groups - (1 if neck else 0) - 1)
+    groups = _stride_groups(backbone, strides, n_backbone, "backbone", "backbone")
+    if neck:
+        groups.append(Group(name="neck", layers=neck, stride=max(strides[n] for n in neck), kind="neck"))
+    groups.append(Group(name="head", layers=head, stride=max(strides[n] for n in head), kind="head"))
+    return groups
 
+
+def _observe_in_eval_mode(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None,
+    output_transform: Callable[[Any], Any] | None,
+    norms: Mapping[str, nn.Module],
+) -> Observation:
+    """One traced forward pass in eval mode (BatchNorm statistics must not move), the mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return observe(model, example_inputs, forward_fn, output_transform, watch=norms.values())
+    finally:
+        model.train(was_training)
+
+
+def _backbone_end(observation: Observation) -> int:
+    """The first time the feature map gets larger marks the end of the backbone."""
+    running_max = 0
+    for t in observation.traces:
+        if t.stride and t.stride < running_max:
+            return t.order
+        running_max = max(running_max, t.stride)
+    return len(observation.traces)
+
+
+def _split_by_structure(
+    observation: Observation, ran: list[str], order: Mapping[str, int], reached: Mapping[str, set]
+) -> tuple[list[str], list[str], list[str]]:
+    """Backbone, neck and head layers: a layer that reaches one output is head; before the backbone's end and
+    fed directly from the input path it is backbone; the rest is neck."""
+    backbone_end = _backbone_end(observation)
+    predictions = set(observation.predictions)
+    first_prediction = min((order[p] for p in predictions if p in order), default=len(observation.traces))
     backbone, neck, head = [], [], []
     late_prediction = first_prediction > backbone_end
     for name in ran:
@@ -162,21 +192,7 @@ def partition(
         moved = [n for n in neck if order[n] > first_head]
         neck = [n for n in neck if n not in moved]
         head = sorted(head + moved, key=order.__getitem__)
-
-    if not backbone or not head:
-        warnings.warn(
-            "partition: could not find both a backbone and a head in the traced graph, "
-            "falling back to stride-only groups",
-            stacklevel=2,
-        )
-        return _stride_groups(ran, strides, n_groups, "stride", "stride")
-
-    n_backbone = max(1, n_groups - (1 if neck else 0) - 1)
-    groups = _stride_groups(backbone, strides, n_backbone, "backbone", "backbone")
-    if neck:
-        groups.append(Group(name="neck", layers=neck, stride=max(strides[n] for n in neck), kind="neck"))
-    groups.append(Group(name="head", layers=head, stride=max(strides[n] for n in head), kind="head"))
-    return groups
+    return backbone, neck, head
 
 
 def groups_from_patterns(model: nn.Module, patterns: Mapping[str, str | list[str]]) -> list[Group]:

@@ -109,41 +109,71 @@ class PruneResult:
         return save_pruned(self, path)
 
 
-def _validate(
-    ratio: Any,
-    method: str,
-    allocator: str,
-    budget: str,
-    coupling: str,
-    round_to: int | None,
-    min_keep: int,
-    max_group_ratio: float,
-    bn_free: str,
-) -> None:
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {PRUNE_METHODS}")
-    if allocator not in ALLOCATORS:
-        raise ValueError(f"unknown allocator {allocator!r}; choose from {ALLOCATORS}")
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; choose from {BUDGETS}")
-    if coupling not in COUPLINGS:
-        raise ValueError(f"unknown coupling {coupling!r}; choose from {COUPLINGS}")
-    if bn_free not in BN_FREE:
-        raise ValueError(f"unknown bn_free {bn_free!r}; choose from {BN_FREE}")
+@dataclass(frozen=True)
+class _Spec:
+    """Everything one pruning pass needs besides the model, its inputs and the ratio; checked once, by
+    :func:`_check_spec`, before the model is touched (``timer`` is the resolved latency timer or None)."""
+
+    method: str
+    groups: Any
+    allocator: str
+    budget: str
+    coupling: str
+    ignored_layers: Iterable[nn.Module | str] | None
+    round_to: int | None
+    min_keep: int
+    max_group_ratio: float
+    forward_fn: ForwardFn | None
+    output_transform: Callable[[Any], Any] | None
+    calib_data: Any
+    seed: int
+    adapter: str | Adapter | None
+    bn_free: str
+    timer: LatencyTimer | None
+    latency_cache: str | Path | None
+
+
+def _check_choices(spec: _Spec) -> None:
+    for name, value, choices in (
+        ("method", spec.method, PRUNE_METHODS),
+        ("allocator", spec.allocator, ALLOCATORS),
+        ("budget", spec.budget, BUDGETS),
+        ("coupling", spec.coupling, COUPLINGS),
+        ("bn_free", spec.bn_free, BN_FREE),
+    ):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose from {choices}")
+
+
+def _check_ratio(ratio: Any, spec: _Spec) -> None:
+    """The one place the ratio is checked: a number in :data:`gcp.limits.PRUNE_RATIO`, or per-group ratios for
+    ``allocator="explicit"`` (each group's range is checked by :func:`grouping.allocate`)."""
     if isinstance(ratio, Mapping):
-        if method != "gcp" or allocator != "explicit":
+        if spec.method != "gcp" or spec.allocator != "explicit":
             raise ValueError("per-group ratios (a mapping) need method='gcp' and allocator='explicit'")
-    else:
-        if ratio not in PRUNE_RATIO:
-            raise ValueError(f"ratio must be a number in {PRUNE_RATIO}, got {ratio!r}")
-        if method == "gcp" and allocator == "explicit":
-            raise ValueError("allocator='explicit' needs ratio as a mapping group name -> ratio")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
-    if not isinstance(min_keep, int) or min_keep < 1:
-        raise ValueError(f"min_keep must be an integer >= 1, got {min_keep!r}")
-    if not 0.0 < max_group_ratio <= 1.0:
-        raise ValueError(f"max_group_ratio must be in (0, 1], got {max_group_ratio!r}")
+        return
+    if ratio not in PRUNE_RATIO:
+        raise ValueError(f"ratio must be a number in {PRUNE_RATIO}, got {ratio!r}")
+    if spec.method == "gcp" and spec.allocator == "explicit":
+        raise ValueError("allocator='explicit' needs ratio as a mapping group name -> ratio")
+
+
+def _check_spec(ratio: Any, spec: _Spec, latency_checks: int) -> None:
+    """Refuse bad input before anything is touched, naming the argument."""
+    _check_choices(spec)
+    _check_ratio(ratio, spec)
+    if spec.round_to is not None and (not isinstance(spec.round_to, int) or spec.round_to < 1):
+        raise ValueError(f"round_to must be a positive integer or None, got {spec.round_to!r}")
+    if not isinstance(spec.min_keep, int) or spec.min_keep < 1:
+        raise ValueError(f"min_keep must be an integer >= 1, got {spec.min_keep!r}")
+    if not 0.0 < spec.max_group_ratio <= 1.0:
+        raise ValueError(f"max_group_ratio must be in (0, 1], got {spec.max_group_ratio!r}")
+    if spec.method == "thinet" and spec.calib_data is None:
+        raise ValueError(
+            "method='thinet' needs calib_data: a few image batches to measure reconstruction error"
+        )
+    if not isinstance(latency_checks, int) or isinstance(latency_checks, bool) or latency_checks < 0:
+        raise ValueError(f"latency_checks must be an integer >= 0, got {latency_checks!r}")
 
 
 def _resolve_ignored(model: nn.Module, ignored: Iterable[nn.Module | str] | None) -> list[nn.Module]:
@@ -883,10 +913,10 @@ LATENCY_TOLERANCE = 0.02
 MAX_SHARE_STEP = 2.0
 
 
-def _timed_network(model: nn.Module, options: Mapping[str, Any]) -> nn.Module:
+def _timed_network(model: nn.Module, spec: _Spec) -> nn.Module:
     """What the latency table times of ``model``: its traced forward (the adapter's, for other families)."""
-    family = resolve_adapter(model, options["adapter"])
-    forward_fn = options["forward_fn"]
+    family = resolve_adapter(model, spec.adapter)
+    forward_fn = spec.forward_fn
     if family is not None:
         family.prepare_model(model)  # output-identical; the pruned copies carry the same rewrite
         forward_fn = forward_fn or family.forward_fn
@@ -939,7 +969,7 @@ def _corrected_share(share: float, target: float, measured: float) -> float | No
 
 
 def _prune_to_measured_latency(
-    model: nn.Module, example_inputs: Any, target: float, checks: int, options: dict[str, Any]
+    model: nn.Module, example_inputs: Any, target: float, checks: int, spec: _Spec
 ) -> PruneResult:
     """``budget="latency"`` with the table's prediction corrected by measurement.
 
@@ -953,25 +983,23 @@ def _prune_to_measured_latency(
     measurement of the returned architecture.
     """
     images = first_image_tensor(example_inputs)
-    base = _timed_network(copy.deepcopy(model), options)
+    base = _timed_network(copy.deepcopy(model), spec)
     share: float | None = target
     trials: list[dict[str, float]] = []
     while share is not None and len(trials) < checks:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the final pruning below says what applies
-            trial = prune_detector(
-                copy.deepcopy(model), example_inputs, ratio=share, latency_checks=0, **options
-            )
-        measured = _measured_cut(base, _timed_network(trial.model, options), images, options["latency"])
+            trial = _prune_once(copy.deepcopy(model), example_inputs, share, spec)
+        measured = _measured_cut(base, _timed_network(trial.model, spec), images, spec.timer)
         trials.append({"share": share, "predicted_cut": trial.report["achieved"], "measured_cut": measured})
         if abs(measured - target) <= LATENCY_TOLERANCE * target:
             break
         share = _corrected_share(share, target, measured)
     final_share, measured = _final_share(trials, target)
-    result = prune_detector(model, example_inputs, ratio=final_share, latency_checks=0, **options)
+    result = _prune_once(model, example_inputs, final_share, spec)
     if measured is None:
-        pruned = _timed_network(copy.deepcopy(result.model), options)
-        measured = _measured_cut(base, pruned, images, options["latency"])
+        pruned = _timed_network(copy.deepcopy(result.model), spec)
+        measured = _measured_cut(base, pruned, images, spec.timer)
     result.report["requested"] = target
     result.report["latency"].update(measured_cut=measured, checks=trials)
     if abs(measured - target) > LATENCY_TOLERANCE * target:
@@ -1048,95 +1076,61 @@ def prune_detector(
     keeps the layers the family needs whole. ``None`` uses the model as given. The rewrite happens before the
     model is inspected (it renames layers); when a later check refuses the model, the rewrite is undone.
     """
-    _validate(ratio, method, allocator, budget, coupling, round_to, min_keep, max_group_ratio, bn_free)
-    if method == "thinet" and calib_data is None:
-        raise ValueError(
-            "method='thinet' needs calib_data: a few image batches to measure reconstruction error"
-        )
-    timer = _latency_timer(budget, latency, latency_cache, example_inputs)
-    if not isinstance(latency_checks, int) or isinstance(latency_checks, bool) or latency_checks < 0:
-        raise ValueError(f"latency_checks must be an integer >= 0, got {latency_checks!r}")
-    if timer is not None and latency_checks and isinstance(ratio, (int, float)):
-        options = {
-            "method": method, "groups": groups, "allocator": allocator, "budget": budget, "coupling": coupling,
-            "ignored_layers": ignored_layers, "round_to": round_to, "min_keep": min_keep,
-            "max_group_ratio": max_group_ratio, "forward_fn": forward_fn, "output_transform": output_transform,
-            "calib_data": calib_data, "seed": seed, "adapter": adapter, "bn_free": bn_free, "latency": timer,
-            "latency_cache": latency_cache,
-        }  # fmt: skip
-        return _prune_to_measured_latency(model, example_inputs, float(ratio), latency_checks, options)
-    family = resolve_adapter(model, adapter)
+    spec = _Spec(
+        method, groups, allocator, budget, coupling, ignored_layers, round_to, min_keep, max_group_ratio,
+        forward_fn, output_transform, calib_data, seed, adapter, bn_free,
+        _latency_timer(budget, latency, latency_cache, example_inputs), latency_cache,
+    )  # fmt: skip
+    _check_spec(ratio, spec, latency_checks)
+    if spec.timer is not None and latency_checks and isinstance(ratio, (int, float)):
+        return _prune_to_measured_latency(model, example_inputs, float(ratio), latency_checks, spec)
+    return _prune_once(model, example_inputs, ratio, spec)
+
+
+@dataclass
+class _Analysis:
+    """What the traced model tells a pruning pass: its graph and observations, the prunable units, how kept
+    channels are rounded, what the budget measures, and the model's size before."""
+
+    traced: _Traced
+    norms: dict[str, nn.Module]
+    units: list[Unit]
+    rounding: _Rounding
+    measure: _Budget
+    table: LatencyTable | None
+    forward_fn: ForwardFn | None
+    macs: float
+    params: float
+    layer_params: dict[nn.Module, float]
+
+
+@dataclass
+class _Decision:
+    """Which channels go (one mask per unit), and the groups and thresholds that chose them (γ methods)."""
+
+    masks: list[torch.Tensor]
+    groups: list[Group] | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    without_bn: dict[str, Any] | None = None
+
+
+def _prune_once(model: nn.Module, example_inputs: Any, ratio: Any, spec: _Spec) -> PruneResult:
+    """One pass of the method on a checked spec: trace → partition and allocate → decide → compensate and remove
+    → report (paper §4.2). Until channels are removed, a refusal hands the model back as given (the adapter's
+    rewrite undone)."""
+    family = resolve_adapter(model, spec.adapter)
     undo_rewrite = snapshot_submodules(model)
     if family is not None:  # output-identical rewrite, before the layers are inspected (their names change)
         family.prepare_model(model)
     was_training = model.training
-    channels_removed = False  # until then, a refusal hands the model back as given: the rewrite is undone
+    channels_removed = False
     try:
-        norms = _check_norms(model, method)
-        ignored = _resolve_ignored(model, ignored_layers)
-        if family is not None:
-            ignored += _resolve_ignored(model, family.ignored(model))
-            forward_fn = forward_fn or family.forward_fn
-        model.eval()  # analysis passes must not move BatchNorm running statistics
-        traced = _trace(model, example_inputs, forward_fn, output_transform, norms, family)
-        seen = traced.seen
-        modules = dict(model.named_modules())
-        ignored = ignored + [modules[p] for p in seen.predictions if modules[p] not in ignored]
-        units = _units(model, traced.graph, ignored)
-        table = (
-            None
-            if timer is None
-            else _latency_table(model, example_inputs, forward_fn, traced, units, timer, latency_cache)
-        )
-        rounding = _resolve_round_to(units, round_to, timer)
-        round_to = rounding.multiple
-        batch = first_image_tensor(example_inputs).shape[0]
-        macs = sum(seen.macs.values()) / batch
-        params = float(sum(p.numel() for p in model.parameters()))
-        layer_params = {
-            m: float(sum(p.numel() for p in m.parameters(recurse=False))) for m in model.modules()
-        }
-        measure = _Budget(units, budget, seen.macs, layer_params, sum(seen.macs.values()), params, table)
-        batches = _calibration_batches(calib_data, example_inputs)
-
-        part: list[Group] | None = None
-        thresholds: dict[str, float] = {}
-        without_bn: dict[str, Any] | None = None
-        if method in ("gcp", "slim"):
-            scores = gamma_scores(traced.graph, norms)
-            secondary = _bn_free_scores(units) if bn_free == "l1" else None
-            decider = _Decider(units, max(min_keep, round_to or 1), round_to, scores, secondary)
-            part = _gamma_groups(model, example_inputs, groups, method, allocator, traced, norms, units)
-            thresholds, masks = _decide_by_gamma(
-                part, scores, ratio, method, allocator, coupling, max_group_ratio, decider, measure
-            )
-            without_bn = _bn_free_layers(units, bn_free, layer_params, params)
-        else:
-            decider = _Decider(units, max(min_keep, round_to or 1), round_to)
-            masks = _decide_by_rank(model, method, ratio, units, batches, forward_fn, seed, decider, measure)
-
+        analysis = _analyse(model, example_inputs, spec, family)
+        decision = _decide(model, example_inputs, ratio, spec, analysis)
         before = _layer_channels(model)
-        consumers = {m.module for u, mask in zip(units, masks) if mask.any() for m in u.ins}
-        means = (
-            seen.input_means if calib_data is None else _input_means(model, consumers, batches, forward_fn)
-        )
         channels_removed = True
-        _compensate(traced.graph, units, masks, means)
-        history = _remove(traced.graph, units, masks)
-        report = build_report(
-            model,
-            method=method,
-            requested=ratio,
-            budget=budget,
-            achieved=measure(masks),
-            before=(macs, params, before),
-            macs_after=macs * (1.0 - measure.fraction(masks, "macs")),
-            groups=part,
-            thresholds=thresholds,
-            bn_free=without_bn,
-            round_to=rounding.report(),
-            latency=_latency_report(table, measure.fraction(masks, "latency")) if table is not None else None,
-        )
+        history = _compensate_and_remove(model, spec, analysis, decision)
+        report = _report(model, ratio, spec, analysis, decision, before)
     except BaseException:
         if not channels_removed:
             undo_rewrite()
@@ -1149,6 +1143,117 @@ def prune_detector(
         history=history,
         input_shape=list(first_image_tensor(example_inputs).shape),
         adapter=family.name if family is not None else None,
+    )
+
+
+def _analyse(model: nn.Module, example_inputs: Any, spec: _Spec, family: Adapter | None) -> _Analysis:
+    """Trace the model once (graph, MACs, strides, input means), find its prunable units, and set up how kept
+    channels are rounded and what the budget measures."""
+    norms = _check_norms(model, spec.method)
+    ignored = _resolve_ignored(model, spec.ignored_layers)
+    forward_fn = spec.forward_fn
+    if family is not None:
+        ignored += _resolve_ignored(model, family.ignored(model))
+        forward_fn = forward_fn or family.forward_fn
+    model.eval()  # analysis passes must not move BatchNorm running statistics
+    traced = _trace(model, example_inputs, forward_fn, spec.output_transform, norms, family)
+    modules = dict(model.named_modules())
+    ignored += [modules[p] for p in traced.seen.predictions if modules[p] not in ignored]
+    units = _units(model, traced.graph, ignored)
+    table = None
+    if spec.timer is not None:
+        table = _latency_table(
+            model, example_inputs, forward_fn, traced, units, spec.timer, spec.latency_cache
+        )
+    batch = first_image_tensor(example_inputs).shape[0]
+    params = float(sum(p.numel() for p in model.parameters()))
+    layer_params = {m: float(sum(p.numel() for p in m.parameters(recurse=False))) for m in model.modules()}
+    total_macs = sum(traced.seen.macs.values())
+    measure = _Budget(units, spec.budget, traced.seen.macs, layer_params, total_macs, params, table)
+    rounding = _resolve_round_to(units, spec.round_to, spec.timer)
+    return _Analysis(
+        traced, norms, units, rounding, measure, table, forward_fn, total_macs / batch, params, layer_params
+    )
+
+
+def _decide(model: nn.Module, example_inputs: Any, ratio: Any, spec: _Spec, analysis: _Analysis) -> _Decision:
+    """gcp/slim: group the BatchNorms, allocate one |γ| threshold per group and mask by vote (§4.2.2–4.2.3);
+    l1/thinet/random: remove the same ranked fraction of every unit."""
+    units, multiple = analysis.units, analysis.rounding.multiple
+    floor = max(spec.min_keep, multiple or 1)
+    if spec.method not in ("gcp", "slim"):
+        decider = _Decider(units, floor, multiple)
+        batches = _calibration_batches(spec.calib_data, example_inputs)
+        masks = _decide_by_rank(
+            model,
+            spec.method,
+            ratio,
+            units,
+            batches,
+            analysis.forward_fn,
+            spec.seed,
+            decider,
+            analysis.measure,
+        )
+        return _Decision(masks)
+    scores = gamma_scores(analysis.traced.graph, analysis.norms)
+    secondary = _bn_free_scores(units) if spec.bn_free == "l1" else None
+    decider = _Decider(units, floor, multiple, scores, secondary)
+    part = _gamma_groups(
+        model,
+        example_inputs,
+        spec.groups,
+        spec.method,
+        spec.allocator,
+        analysis.traced,
+        analysis.norms,
+        units,
+    )
+    thresholds, masks = _decide_by_gamma(
+        part, scores, ratio, spec.method, spec.allocator, spec.coupling, spec.max_group_ratio, decider,
+        analysis.measure,
+    )  # fmt: skip
+    without_bn = _bn_free_layers(units, spec.bn_free, analysis.layer_params, analysis.params)
+    return _Decision(masks, part, thresholds, without_bn)
+
+
+def _compensate_and_remove(model: nn.Module, spec: _Spec, analysis: _Analysis, decision: _Decision) -> list:
+    """Fold the removed channels' mean activations into their consumers, then let the DependencyGraph remove
+    them; returns the replayable pruning history."""
+    units, masks = analysis.units, decision.masks
+    consumers = {m.module for u, mask in zip(units, masks) if mask.any() for m in u.ins}
+    means = analysis.traced.seen.input_means
+    if spec.calib_data is not None:
+        batches = _calibration_batches(spec.calib_data, None)
+        means = _input_means(model, consumers, batches, analysis.forward_fn)
+    _compensate(analysis.traced.graph, units, masks, means)
+    return _remove(analysis.traced.graph, units, masks)
+
+
+def _report(
+    model: nn.Module,
+    ratio: Any,
+    spec: _Spec,
+    analysis: _Analysis,
+    decision: _Decision,
+    before: dict[str, int],
+) -> dict[str, Any]:
+    """The JSON-ready report of the pass (:func:`gcp.core.report.build_report`)."""
+    measure, masks = analysis.measure, decision.masks
+    cut = measure.fraction(masks, "latency") if analysis.table is not None else None
+    return build_report(
+        model,
+        method=spec.method,
+        requested=ratio,
+        budget=spec.budget,
+        achieved=measure(masks),
+        before=(analysis.macs, analysis.params, before),
+        macs_after=analysis.macs * (1.0 - measure.fraction(masks, "macs")),
+        groups=decision.groups,
+        thresholds=decision.thresholds,
+        bn_free=decision.without_bn,
+        round_to=analysis.rounding.report(),
+        latency=_latency_report(analysis.table, cut) if analysis.table is not None else None,
     )
 
 

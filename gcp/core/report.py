@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from gcp.io import atomic_write_json
 from grouping import Group
 from grouping.trace import ForwardFn, first_image_tensor, layer_macs, run_forward
 
@@ -128,8 +126,3 @@ def out_channels(module: nn.Module) -> int:
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels
     return int(getattr(module, "num_features", 0))
-
-
-def save_report(report: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a report as JSON, atomically."""
-    return atomic_write_json(path, report)
