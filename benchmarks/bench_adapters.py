@@ -1,9 +1,9 @@
-"""Issue 6: ``prune_detector`` on detectors this project did not write (Ultralytics, torchvision, timm).
+"""``prune_detector`` on detectors this project did not write (Ultralytics, torchvision, timm).
 
-For every model of the issue, each in its own subprocess: build it from its config with random weights (no
+For every model of ``MODELS``, each in its own subprocess: build it from its config with random weights (no
 download), give its BatchNorm layers sparse-like γ, then for each method time ``prune_detector`` (adapter
 resolution, the equivalent rewrite, dependency graph build, ranking, pruning, report) on a plain image batch
-and check what the issue asks: eval and train forwards keep their output structure, parameters drop, the
+and check that eval and train forwards keep their output structure, parameters drop, the
 save/load round trip gives identical outputs, and the network exports to ONNX (checked in ONNX Runtime).
 
     python benchmarks/bench_adapters.py                # all models, methods gcp slim l1 thinet; prints the section
@@ -34,7 +34,7 @@ from common import git_revision, machine, now, sparse_like_gammas, write_section
 RATIO = 0.3
 SEED = 0
 METHODS = ("gcp", "slim", "l1", "thinet")
-TITLE = "Adapters: prune_detector on Ultralytics, torchvision and timm models (issue 6)"
+TITLE = "Adapters: prune_detector on Ultralytics, torchvision and timm models"
 
 # name → (family, builder argument, input side in pixels). Input sides are each family's usual size:
 # Ultralytics 640, torchvision's own transform size (800 px short side; SSDlite's fixed 320), timm 256.

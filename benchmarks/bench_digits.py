@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +31,7 @@ from gcp.app.plots import overall_sparse_fraction, plot_tradeoff  # noqa: E402
 METHODS = ("gcp", "slim", "thinet")
 #: Committed beside RESULTS.md, so the figure the table describes can be looked at without rerunning.
 FIGURE = RESULTS.parent / "figures" / "digits_tradeoff.png"
+TITLE = "DigitScenes: Tables 9, 10, 3–5, 8 and Fig. 10 at CPU scale"
 PAPER_T345 = {  # Table 3–5, Model2 (40 %): fine-tune / GSA distilling mAP@0.5
     "gcp": (81.1, 86.6),
     "slim": (79.8, 83.7),
@@ -105,8 +108,10 @@ def what_we_found(
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--out", default="runs/bench_digits")
     parser.add_argument("--seed", type=int, default=0)
@@ -115,7 +120,12 @@ def main() -> None:
         action="store_true",
         help="keep demo runs already completed under --out (same seed and config) instead of repeating them",
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run_demos(args: argparse.Namespace) -> dict[float, dict[str, dict]]:
+    """One demo run per ratio and the constant-schedule run (each skipped with ``--reuse`` when complete);
+    returns the report rows of each ratio's run."""
     out = Path(args.out)
     runs = {}
     for ratio in args.ratios:
@@ -152,15 +162,55 @@ def main() -> None:
                 f"seed={args.seed}",
             ]
         )
-    first = out / f"ratio{int(args.ratios[0] * 100)}"
-    dyn, const = rows_of(first), rows_of(constant)
+    return runs
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or reuse) the demos and collect what the section reports, as a plain record."""
+    runs = run_demos(args)
+    out = Path(args.out)
+    first, constant = out / f"ratio{int(args.ratios[0] * 100)}", out / "constant"
+    names = [*(f"ratio{int(r * 100)}" for r in args.ratios), "constant"]
+    return {
+        "ratios": list(args.ratios),
+        "seed": args.seed,
+        "reuse": args.reuse,
+        "runs": runs,
+        "dynamic": rows_of(first),
+        "constant": rows_of(constant),
+        "dynamic_sparse": sparse_fraction(first),
+        "constant_sparse": sparse_fraction(constant),
+        "demo_minutes": {name: demo_minutes(out / name) for name in names},
+        "teacher_map50": torch.load(SHIPPED_TEACHER, map_location="cpu", weights_only=True)["map50"],
+        "date": now(),
+        "commit": git_revision(),
+        "machine": machine(),
+    }
+
+
+def tradeoff(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fig. 10's points: every method's distilled model at every ratio."""
+    return [
+        {
+            "method": m,
+            "ratio": ratio,
+            "map50": rows[f"distilled_{m}"]["map50"],
+            "size_mb": rows[f"distilled_{m}"]["size_mb"],
+        }
+        for ratio, rows in record["runs"].items()
+        for m in METHODS
+    ]
+
+
+def render_tables(record: dict[str, Any]) -> dict[str, list[str]]:
+    """Tables 9, 10, 3–5 and 8 as markdown lines, by table."""
+    dyn, const = record["dynamic"], record["constant"]
     t9 = [
         "| schedule | mAP@0.5 after sparse training | share of |γ| < 1e-2 | paper (YOLOv4, VOC) |",
         "|---|---|---|---|",
         f"| teacher before sparse training | {dyn['trained']['map50']:.3f} | – | 87.1 (original) |",
-        f"| constant s (Network Slimming) | {const['sparse']['map50']:.3f} | {sparse_fraction(constant):.1%} | 71.2 |",
-        f"| dynamic s (ours, §4.1) | {dyn['sparse']['map50']:.3f} | {sparse_fraction(first):.1%} | 79.8 |",
+        f"| constant s (Network Slimming) | {const['sparse']['map50']:.3f} | {record['constant_sparse']:.1%} | 71.2 |",
+        f"| dynamic s (ours, §4.1) | {dyn['sparse']['map50']:.3f} | {record['dynamic_sparse']:.1%} | 79.8 |",
     ]
     t10 = ["| ratio | global threshold (slim) | group thresholds (gcp) |", "|---|---|---|"]
     t345 = [
@@ -171,8 +221,7 @@ def main() -> None:
         "| ratio | model | params (M) | GMACs | ONNX Runtime median ms (p10–p90) |",
         "|---|---|---|---|---|",
     ]
-    trade = []
-    for ratio, rows in runs.items():
+    for ratio, rows in record["runs"].items():
         t10.append(
             f"| {ratio:.0%} | {rows['pruned_slim']['map50']:.3f} | {rows['pruned_gcp']['map50']:.3f} |"
         )
@@ -183,48 +232,52 @@ def main() -> None:
                 f"| {ratio:.0%} | {m} | {ds['params'] / 1e6:.2f} | {ft['map50']:.3f} | {ds['map50']:.3f} |"
                 f" {paper[0]} / {paper[1]} |"
             )
-            trade.append({"method": m, "ratio": ratio, "map50": ds["map50"], "size_mb": ds["size_mb"]})
         for name in ("trained", "distilled_gcp", "distilled_slim", "distilled_thinet"):
             r = rows[name]
             t8.append(
                 f"| {ratio:.0%} | {name} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} |"
                 f" {r['median_ms']:.1f} ({r['p10_ms']:.1f}–{r['p90_ms']:.1f}) |"
             )
-    findings = what_we_found(runs, dyn, const, sparse_fraction(first), sparse_fraction(constant))
-    plot = FIGURE
-    plot.parent.mkdir(exist_ok=True)
-    plot_tradeoff(trade, plot)
-    teacher_map50 = torch.load(SHIPPED_TEACHER, map_location="cpu", weights_only=True)["map50"]
-    per_run = ", ".join(
-        f"{name} {demo_minutes(out / name):.1f}"
-        for name in [*(f"ratio{int(r * 100)}" for r in args.ratios), "constant"]
+    return {"t9": t9, "t10": t10, "t345": t345, "t8": t8}
+
+
+def render(record: dict[str, Any]) -> str:
+    """The RESULTS.md section (markdown) from ``measure``'s record."""
+    tables = {key: "\n".join(lines) for key, lines in render_tables(record).items()}
+    findings = what_we_found(
+        record["runs"],
+        record["dynamic"],
+        record["constant"],
+        record["dynamic_sparse"],
+        record["constant_sparse"],
     )
-    kept = " (completed demo runs of an earlier invocation kept)" if args.reuse else ""
-    body = f"""Command: `python benchmarks/bench_digits.py --ratios {" ".join(str(r) for r in args.ratios)}{" --reuse" if args.reuse else ""}` — seed
-{args.seed}, {now()}, commit {git_revision()}, {machine()}. Wall time of each demo run in minutes{kept}:
+    per_run = ", ".join(f"{name} {minutes:.1f}" for name, minutes in record["demo_minutes"].items())
+    kept = " (completed demo runs of an earlier invocation kept)" if record["reuse"] else ""
+    return f"""Command: `python benchmarks/bench_digits.py --ratios {" ".join(str(r) for r in record["ratios"])}{" --reuse" if record["reuse"] else ""}` — seed
+{record["seed"]}, {record["date"]}, commit {record["commit"]}, {record["machine"]}. Wall time of each demo run in minutes{kept}:
 {per_run} (`ratio25` is `gcp demo` as shipped). Teacher:
-`gcp/assets/digits_teacher.pt` (test mAP@0.5 {teacher_map50:.3f} as shipped on the 500-image test split; see the
+`gcp/assets/digits_teacher.pt` (test mAP@0.5 {record["teacher_map50"]:.3f} as shipped on the 500-image test split; see the
 CPU-scale reference section; the demo's stages last two or three epochs, so the pruned models stay far
 below it); stages and data sizes from `gcp/configs/demo.yaml`; mAP@0.5 on the DigitScenes test split.
 
 **Table 9 — constant vs dynamic sparse training (equal epochs)**
 
-{chr(10).join(t9)}
+{tables["t9"]}
 
 **Table 10 — global vs group pruning at the same channel ratio, before fine-tuning**
 
-{chr(10).join(t10)}
+{tables["t10"]}
 
 **Tables 3–5 — fine-tuning vs group spatial attention distillation**
 
-{chr(10).join(t345)}
+{tables["t345"]}
 
 **Table 8 — latency, base and pruned in the same process** (ONNX Runtime, CPU, batch 1, 256×256)
 
-{chr(10).join(t8)}
+{tables["t8"]}
 
 **Fig. 10** — mAP@0.5 after GSA distillation vs ratio, marker size = model size:
-![Fig. 10 at CPU scale]({plot.relative_to(RESULTS.parent)})
+![Fig. 10 at CPU scale]({FIGURE.relative_to(RESULTS.parent)})
 
 What these numbers say, against the paper's findings:
 
@@ -232,7 +285,20 @@ What these numbers say, against the paper's findings:
 
 Where these disagree with the paper, that is what we measured: the stages here last two or three epochs on a few
 hundred images, from a teacher trained for 40 minutes on 2 CPU cores."""
-    write_section("DigitScenes: Tables 9, 10, 3–5, 8 and Fig. 10 at CPU scale", body)
+
+
+def write(record: dict[str, Any], body: str) -> None:
+    """Fig. 10 (``FIGURE``) and the RESULTS.md section; this benchmark keeps no JSON of its own (the demo runs'
+    report.json files under ``--out`` hold every number)."""
+    FIGURE.parent.mkdir(exist_ok=True)
+    plot_tradeoff(tradeoff(record), FIGURE)
+    write_section(TITLE, body)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    record = measure(args)
+    write(record, render(record))
 
 
 if __name__ == "__main__":

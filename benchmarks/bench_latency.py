@@ -1,4 +1,4 @@
-"""Issue 14: is a pruned detector faster, not only smaller? Latency cut vs MACs cut on ONNX Runtime (CPU).
+"""Is a pruned detector faster, not only smaller? Latency cut vs MACs cut on ONNX Runtime (CPU).
 
 For every model × setting (method, budget, ratio, ``round_to``), a copy of the base model is pruned, both are
 exported to ONNX and timed alternately in this one process (``gcp.runtime.export.compare_latency``: base, pruned,
@@ -8,7 +8,7 @@ rows build (or reuse) the model's latency table with the same threads, and also 
 
 Rows go to ``benchmarks/results/latency.json`` as each one finishes (a killed run resumes with the rows it
 lacks; rows measured on another machine are not mixed in) and the RESULTS.md section is rewritten from all rows.
-Targets (issue 14): latency cut ≥ 0.9 × MACs cut with the defaults at 40 % MACs; ``budget="latency"`` lands
+Targets: latency cut ≥ 0.9 × MACs cut with the defaults at 40 % MACs; ``budget="latency"`` lands
 within 5 % of the requested latency cut. CPU timings are only worth this on an otherwise idle machine: each row
 records the 1-minute load average before it.
 
@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,19 @@ from gcp.runtime.timers import (
 )
 
 RESULTS_JSON = Path(__file__).with_name("results") / "latency.json"
-TITLE = "Latency follows MACs? ONNX Runtime CPU, base vs pruned (issue 14)"
+TITLE = "Latency follows MACs? ONNX Runtime CPU, base vs pruned"
+# the keys of a row printed as it is measured
+PRINTED = (
+    "model",
+    "method",
+    "budget",
+    "ratio",
+    "round_to",
+    "macs_cut",
+    "latency_cut",
+    "base_ms",
+    "pruned_ms",
+)
 SEED = 0
 
 # name → (family, input side in pixels), the issue's list
@@ -262,7 +275,8 @@ def section(results: dict[str, Any], command: str, wall_s: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--smoke`` sets its few runs here."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -284,17 +298,31 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="yolov4_w025 at 128 px, 5 runs, into a temporary folder only"
     )
-    args = parser.parse_args()
-    command = "python benchmarks/bench_latency.py " + " ".join(sys.argv[1:])
+    args = parser.parse_args(argv)
     if args.smoke:
         args.runs, args.warmup, args.profile_runs = 5, 1, 2
+    elif args.runs < 30:
+        parser.error("--runs must be >= 30; --smoke for a quick check")
+    return args
+
+
+def plan_of(args: argparse.Namespace) -> tuple[Path, Path | None, list[tuple[str, int, list]]]:
+    """Where the rows go, the latency table folder, and (model, input side, settings) to measure."""
+    if args.smoke:
         scratch = Path(tempfile.mkdtemp(prefix="bench_latency_"))
-        out, cache, plan = scratch / "latency.json", scratch / "cache", [("yolov4_w025", 128, SMOKE_SETTINGS)]
-    else:
-        if args.runs < 30:
-            parser.error("--runs must be >= 30 (issue 14); --smoke for a quick check")
-        out, cache = RESULTS_JSON, Path(args.cache) if args.cache else None
-        plan = [(name, MODELS[name][1], CORE_SETTINGS if args.core else SETTINGS) for name in args.models]
+        return scratch / "latency.json", scratch / "cache", [("yolov4_w025", 128, SMOKE_SETTINGS)]
+    cache = Path(args.cache) if args.cache else None
+    return (
+        RESULTS_JSON,
+        cache,
+        [(name, MODELS[name][1], CORE_SETTINGS if args.core else SETTINGS) for name in args.models],
+    )
+
+
+def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Measure every planned row this machine lacks. Each row is saved to the record's ``out`` as soon as it is
+    measured (so that a killed run resumes); returns the record: all rows, the command and the wall time."""
+    out, cache, plan = plan_of(args)
     here = machine()
     results = load_results(out, here)
     done = {row_key(r) for r in results["rows"]}
@@ -312,31 +340,31 @@ def main() -> None:
             results["profiles"].append(profile)
             results.update(commit=git_revision(), machine=here)
             atomic_write_json(out, results)
-            print(
-                {
-                    k: row[k]
-                    for k in (
-                        "model",
-                        "method",
-                        "budget",
-                        "ratio",
-                        "round_to",
-                        "macs_cut",
-                        "latency_cut",
-                        "base_ms",
-                        "pruned_ms",
-                    )
-                },
-                flush=True,
-            )
-    if "commit" not in results:
-        print("nothing to measure")
-        return
-    body = section(results, command, time.perf_counter() - wall)
-    if args.smoke:
-        print(f"smoke results in {out}\n\n{body}")
+            print({k: row[k] for k in PRINTED}, flush=True)
+    return {"results": results, "out": out, "command": command, "wall_s": time.perf_counter() - wall}
+
+
+def render(record: dict[str, Any]) -> str:
+    """The RESULTS.md section (markdown) from ``measure``'s record."""
+    return section(record["results"], record["command"], record["wall_s"])
+
+
+def write(record: dict[str, Any], body: str, smoke: bool) -> None:
+    """The RESULTS.md section (the JSON rows were written as they were measured); a smoke run only prints."""
+    if smoke:
+        print(f"smoke results in {record['out']}\n\n{body}")
     else:
         write_section(TITLE, body)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    command = "python benchmarks/bench_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    record = measure(args, command)
+    if "commit" not in record["results"]:
+        print("nothing to measure")
+        return
+    write(record, render(record), args.smoke)
 
 
 if __name__ == "__main__":

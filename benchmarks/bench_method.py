@@ -765,7 +765,7 @@ def write_report(bench: Bench) -> None:
         "sources": sources(r),
         "settings": r["settings"],
     }
-    title = "The method at CPU scale: stage 1 → prune at equal MACs → recovery (issue 12)"
+    title = "The method at CPU scale: stage 1 → prune at equal MACs → recovery"
     if bench.args.out:  # a probe or smoke run with its own directory leaves the recorded results alone
         atomic_write_json(bench.path("method_cpu.json"), payload)
         bench.path("RESULTS_section.md").write_text(f"## {title}\n\n{render(payload, r)}\n", encoding="utf-8")
@@ -799,7 +799,7 @@ def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
         "",
         "mAP@0.5 is pycocotools' 101-point interpolation on the 500-image DigitScenes test split. GSA's teacher is"
         " the shipped teacher (the paper's original network, §5.4). Other stage-1 settings tried with this"
-        ' command are in docs/design.md ("Sparse training").',
+        " command are in docs/notes/sparse_training.md.",
         "",
         "| model | mAP@0.5 | mAP@0.5:0.95 | params cut | MACs cut | paper (VOC) | measured |",
         "|---|---|---|---|---|---|---|",
@@ -831,7 +831,7 @@ def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
             f" {f(row['params_cut'], '.1%')} | {f(row['macs_cut'], '.1%')} | {paper} |"
             f" {at(row['method'] + '_' + row['recovery'])} |"
         )
-    lines += ["", "Targets (issue 12 §6), from the numbers above:", *verdicts(payload)]
+    lines += ["", "Targets, from the numbers above:", *verdicts(payload)]
     missing = [
         key
         for key in (

@@ -1,4 +1,4 @@
-"""Issue 2 §6: wall time and peak RSS of prune_detector vs torch-pruning's BNScalePruner on full YOLOv4.
+"""Wall time and peak RSS of prune_detector vs torch-pruning's BNScalePruner on full YOLOv4.
 
 Each contender runs in its own subprocess (peak RSS is a per-process high-water mark), on the same full-size
 YOLOv4 (20 classes, 416×416) with the same sparse-like γ, pruning 40 % of the BN channels with global ranking.
@@ -90,7 +90,7 @@ group partition, MAC/param accounting for the budget, offset compensation, the r
 torch-pruning's own single tracing pass; the two contenders remove different channels (per-group thresholds
 and vote vs one global ranking), hence different parameter counts. Both ran under the same background load
 (whatever else the machine was doing at the time; see the date)."""
-    write_section("Pruning speed and memory on full YOLOv4 (issue 2 §6)", body)
+    write_section("Pruning speed and memory on full YOLOv4", body)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Issue 13 §4: the three stages on an Ultralytics YOLOv8n through Ultralytics' own trainer, against
+"""The three stages on an Ultralytics YOLOv8n through Ultralytics' own trainer, against
 torch-pruning's YOLOv8 recipe at the same MACs.
 
 On DigitScenes in the YOLO layout (3,000 train / 500 val / 500 test at 256 px, the split of
@@ -56,7 +56,7 @@ STAGES = ["base", "sparse", "prune", "distill", "tp", "finetune", "eval", "repor
 DEFAULT_STAGES = ["base", "sparse", "prune", "distill", "tp", "eval", "report"]
 ASSET = Path(__file__).with_name("assets") / "yolov8n_digits.pt"
 RESULTS_JSON = Path(__file__).with_name("results") / "ultralytics_cpu.json"
-TITLE = "The method on an Ultralytics YOLOv8n, through Ultralytics' trainer (issue 13)"
+TITLE = "The method on an Ultralytics YOLOv8n, through Ultralytics' trainer"
 TP_METHOD = "tpl2"  # the file names of torch-pruning's row: pruned_tpl2.pt, finetuned_tpl2.pt
 # Ultralytics' optimizer=auto for this run (fewer than 10,000 iterations, 10 classes): AdamW at
 # lr0 = 0.002 · 5 / (4 + nc), momentum 0.9; every stage uses it so that only the stage's purpose differs.
@@ -246,7 +246,7 @@ def section(payload: dict[str, Any], bench: Bench) -> str:
         )
     rows = {(r["method"], r["recovery"]): r for r in payload["rows"]}
     gsa, tp_ft = rows.get(("gcp", "gsa")), rows.get(("torch-pruning L2", "ft"))
-    lines += ["", "Targets (issue 13):", ""]
+    lines += ["", "Targets:", ""]
     if gsa is not None:
         lines.append(
             f"- gcp+GSA ≥ base − 0.02 mAP@0.5: {gsa['map50']:.3f} vs {payload['base_map50'] - 0.02:.3f}: "

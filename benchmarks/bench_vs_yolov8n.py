@@ -1,4 +1,4 @@
-"""Issue 3 §6, second half: Ultralytics YOLOv8n trained from scratch on the same DigitScenes split, same budget.
+"""Ultralytics YOLOv8n trained from scratch on the same DigitScenes split, same budget.
 
 Converts the DigitScenes VOC layout (made by `train_reference.py`, same seed) to YOLO txt labels, trains
 `yolov8n.yaml` from scratch with Ultralytics' own trainer for ``--minutes`` (its ``time=`` budget, offline,
@@ -153,8 +153,7 @@ re-scored {now()} at commit {git_revision()} (`--teacher {args.teacher}`).
 | ours: `yolov4(width=0.25, depth=0.33)` (`{args.teacher}`, see its reference section) | {ours_params / 1e6:.2f} | {ours_macs / 1e9:.2f} | {ours_metrics["map50"]:.3f} | {ours_metrics["map"]:.3f} |
 
 Our row's training ran on the machine its own section names; where that differs from a YOLOv8n run's, "equal
-wall time" is only roughly equal compute. At equal wall time ours is, on mAP@0.5 (what issue 3 §6 asks to be at
-least as good), {verdicts("map50")}; on mAP@0.5:0.95, {verdicts("map")}. Every row is one training run with
+wall time" is only roughly equal compute. At equal wall time ours is, on mAP@0.5 (the metric the target names), {verdicts("map50")}; on mAP@0.5:0.95, {verdicts("map")}. Every row is one training run with
 one seed; how far another seed would move them was not measured."""
 
 
