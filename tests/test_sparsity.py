@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from gcp import DynamicSparsity
+from gcp.sparse import Eq3Sparsity, LayerRelativeSparsity, SelectiveSparsity, SparseTraining
 
 
 def two_bn_model():
@@ -123,7 +124,9 @@ def train_signal_and_noise(
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:  # the paper's recipe (§5.2): SGD with momentum
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    sparsity = DynamicSparsity(model, s=s, switch_at=0.5, mechanism=mechanism, lr=0.01, **sparsity_options)
+    if mechanism == "layer_relative":  # γ's own lr: the other mechanisms refuse it
+        sparsity_options["lr"] = 0.01
+    sparsity = DynamicSparsity(model, s=s, switch_at=0.5, mechanism=mechanism, **sparsity_options)
     for step in range(dense_steps + steps):
         x = torch.randn(16, 8, 8, 8)
         with torch.no_grad():
@@ -287,6 +290,46 @@ def test_selective_refuses_what_it_cannot_do():
     sparsity = DynamicSparsity(two_bn_model(), mechanism="selective")
     with pytest.raises(RuntimeError, match="on_step"):
         sparsity.after_backward(0, 1)
+
+
+@pytest.mark.parametrize(
+    "mechanism, argument, value",
+    [
+        ("selective", "protect", 0.5),
+        ("selective", "decay", 0.1),
+        ("selective", "lr", 0.01),
+        ("selective", "follow_schedule", True),
+        ("selective", "push_floor", 0.3),
+        ("eq3", "lr", 0.01),
+        ("eq3", "follow_schedule", True),
+        ("eq3", "push_floor", 0.3),
+        ("eq3", "target", 0.3),
+        ("eq3", "score_share", 0.2),
+        ("layer_relative", "max_layer_share", 0.5),
+        ("layer_relative", "costs", {"1": torch.ones(4), "3": torch.ones(6)}),
+    ],
+)
+def test_an_argument_of_another_mechanism_is_refused_unless_left_at_its_default(mechanism, argument, value):
+    """Each mechanism takes only its own parameters: a value it would silently ignore is refused by name, its
+    default (what gcp.app.pipeline passes for the other mechanisms' keys) is not."""
+    with pytest.raises(ValueError, match=rf"mechanism='{mechanism}' has no .*{argument}"):
+        DynamicSparsity(two_bn_model(), mechanism=mechanism, **{argument: value})
+    defaults = {"protect": 0.3, "decay": 0.01, "lr": 0.02, "follow_schedule": False, "push_floor": 0.0}
+    defaults.update(target=0.45, score_share=0.1, max_layer_share=0.9, costs=None)
+    hook = DynamicSparsity(two_bn_model(), mechanism=mechanism, **{argument: defaults[argument]})
+    assert hook.mechanism == mechanism and not hasattr(hook, argument)
+
+
+def test_each_mechanism_is_its_own_hook_class():
+    """DynamicSparsity builds one small class per mechanism, all sharing the stats, history and state of
+    SparseTraining; the one-class hook's state_dict keys stay, so its checkpoints resume."""
+    hooks = {m: DynamicSparsity(two_bn_model(), mechanism=m) for m in ("layer_relative", "eq3", "selective")}
+    assert isinstance(hooks["layer_relative"], LayerRelativeSparsity)
+    assert isinstance(hooks["eq3"], Eq3Sparsity) and isinstance(hooks["selective"], SelectiveSparsity)
+    keys = ["history", "momentum", "mean_square", "updates", "scores", "scored", "selected", "start"]
+    for hook in hooks.values():
+        assert isinstance(hook, SparseTraining) and list(hook.state_dict()) == keys
+    assert hooks["eq3"].s == 7.5e-4 and hooks["layer_relative"].s == 1.0 and hooks["selective"].s == 0.0
 
 
 def test_eq3_under_adamw_leaves_gamma_dense():
