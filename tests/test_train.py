@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -25,12 +26,15 @@ from _train_toys import (
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from gcp.app.config import DistillConfig, FitConfig, SparsityConfig
 from gcp.core.serialize import ModelFileError
 from gcp.detection.data import batch_to
 from gcp.detection.train import (
     CHECKPOINT_FORMAT,
     EMA_DECAY,
     EMA_RAMP_UPDATES,
+    RESUME_SETTINGS,
+    FitSettings,
     ModelEMA,
     _swap_in_sync_batchnorm,
     fit,
@@ -493,6 +497,48 @@ def test_bad_arguments_are_reported_together():
     message = str(error.value)
     assert "epochs" in message and "lr must be positive" in message and "rmsprop" in message
     assert "loss_reduction" in message
+
+
+def test_settings_are_checked_when_made_with_the_messages_fit_gives():
+    with pytest.raises(ValueError) as error:
+        FitSettings(epochs=0, lr=-1.0, momentum=1.0, resume=True)
+    assert str(error.value) == (
+        "fit: epochs must be a positive int, got 0; lr must be positive, got -1.0; momentum must lie in (0, 1),"
+        " got 1.0; resume=True needs out_dir (the folder holding last.pt)"
+    )
+    with pytest.raises(ValueError, match="fit: train_data is empty"):
+        fit(make_model(), ToyDetection(0), epochs=1, loss_fn=toy_loss)
+    with pytest.raises(TypeError, match="epochs"):
+        fit(make_model(), ToyDetection(2), loss_fn=toy_loss)
+
+
+def test_fit_takes_settings_whole_and_keywords_override_them(tmp_path):
+    by_keywords = quick_fit(make_model(), epochs=2, lr=0.1, out_dir=tmp_path / "keywords")
+    settings = FitSettings(epochs=5, batch_size=2, lr=0.1, progress=False, out_dir=tmp_path / "whole")
+    whole = fit(make_model(), ToyDetection(8), settings=settings, loss_fn=toy_loss, epochs=2)
+    assert untimed(whole) == untimed(by_keywords)
+    recorded = load_checkpoint(tmp_path / "whole" / "last.pt")["settings"]
+    assert recorded == load_checkpoint(tmp_path / "keywords" / "last.pt")["settings"]
+    assert set(recorded) == set(RESUME_SETTINGS) and recorded["epochs"] == 2
+
+
+def test_settings_from_a_config_section_take_every_fit_field_and_nothing_else():
+    settings_fields = {item.name for item in dataclasses.fields(FitSettings)}
+    fit_fields = {item.name for item in dataclasses.fields(FitConfig)}
+    assert fit_fields <= settings_fields  # a FitConfig field fit does not know would be dropped silently
+    for section_type in (FitConfig, SparsityConfig, DistillConfig):
+        section = section_type()
+        made = FitSettings.from_section(section)
+        assert made == FitSettings(**{name: getattr(section, name) for name in fit_fields}), section_type
+    section = SparsityConfig(epochs=3, lr=0.2, ema=True, schedule="constant")
+    settings = FitSettings.from_section(section, seed=7, out_dir="somewhere")
+    expected = {name: getattr(section, name) for name in settings_fields if hasattr(section, name)}
+    assert expected and all(getattr(settings, name) == value for name, value in expected.items())
+    assert settings.seed == 7 and settings.out_dir == "somewhere" and not hasattr(settings, "schedule")
+    with pytest.raises(TypeError, match=r"\['lr'\] given both"):
+        FitSettings.from_section(section, lr=0.1)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        FitSettings.from_section(FitConfig(lr=0.0))
 
 
 def test_loss_without_total_is_an_error():

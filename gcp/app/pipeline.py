@@ -57,7 +57,7 @@ from gcp.core.serialize import (  # the model-file formats live in gcp.core.seri
 from gcp.detection.data import COCODataset, VOCDataset, YOLODataset, make_digit_scenes, read_data_yaml
 from gcp.detection.evaluate import evaluate
 from gcp.detection.models import build, postprocess, scale_anchors
-from gcp.detection.train import fit
+from gcp.detection.train import FitSettings, fit
 from gcp.io import atomic_write_json, atomic_write_text
 from gcp.runtime.export import build_tensorrt_engine, compare_latency, export_onnx, require_tensorrt
 from gcp.sparse.dynamic import DynamicSparsity, TooFewStepsError
@@ -564,10 +564,11 @@ def trained_model(ctx: Context, how: str) -> Path:
 
 
 def _fit(
-    ctx: Context, model: nn.Module, settings: FitConfig, out_dir: Path, hooks: Sequence[Any] = ()
+    ctx: Context, model: nn.Module, section: FitConfig, out_dir: Path, hooks: Sequence[Any] = ()
 ) -> None:
-    """``gcp.detection.train.fit`` on the train split with ``settings``, scored on the val split; continues
-    ``out_dir/last.pt`` when resuming."""
+    """``gcp.detection.train.fit`` on the train split with the config section's settings (every field they
+    share, :meth:`~gcp.detection.train.FitSettings.from_section`) and the run's, scored on the val split;
+    continues ``out_dir/last.pt`` when resuming."""
 
     val = ctx.dataset("val")
     device = ctx.device
@@ -585,30 +586,18 @@ def _fit(
             channels_last=ctx.family.channels_last,
         )
 
-    fit(
-        model,
-        ctx.dataset("train", augment=True),
-        epochs=settings.epochs,
-        lr=settings.lr,
-        optimizer=settings.optimizer,
-        batch_size=settings.batch_size,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        warmup_epochs=settings.warmup_epochs,
-        hooks=hooks,
-        ema=settings.ema,
+    train_data = ctx.dataset("train", augment=True)
+    settings = FitSettings.from_section(
+        section,
         out_dir=out_dir,
         resume=ctx.resume and (out_dir / "last.pt").is_file(),
         seed=ctx.config.seed,
         num_workers=ctx.config.data.num_workers,
-        eval_fn=score,
-        eval_every=settings.eval_every,
         device=device,
         progress=ctx.progress,
-        max_steps_per_epoch=settings.max_steps_per_epoch,
-        bf16=settings.bf16,
         channels_last=ctx.family.channels_last,
     )
+    fit(model, train_data, settings=settings, hooks=hooks, eval_fn=score)
 
 
 def _last_map50(out_dir: Path) -> float | None:
@@ -640,21 +629,7 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
         settings = ctx.config.sparsity
         model = ctx.family.load(source)
         by_macs = settings.mechanism == "selective" and settings.target_of == "macs"
-        hook = DynamicSparsity(
-            model,
-            s=settings.s,
-            switch_at=settings.switch_at if settings.schedule == "dynamic" else 1.0,
-            protect=settings.protect,
-            decay=settings.decay,
-            groups=partition(model, ctx.example_inputs),
-            mechanism=settings.mechanism,
-            lr=settings.gamma_lr,
-            follow_schedule=settings.follow_schedule,
-            push_floor=settings.push_floor,
-            target=settings.target,
-            score_share=settings.score_share,
-            costs=channel_costs(model, ctx.example_inputs) if by_macs else None,
-        )
+        hook = _sparsity_hook(ctx, model, by_macs)
         try:
             ctx.family.fit(ctx, model, settings, "sparse", run.sparse, hooks=[hook])
         except TooFewStepsError as error:
@@ -665,6 +640,35 @@ def sparse_train_stage(ctx: Context, weights: Path | None = None) -> Path:
             ) from None
         hook.save_history(run.sparsity_history)
         return run.sparse
+
+
+def _sparsity_hook(ctx: Context, model: nn.Module, by_macs: bool) -> Any:
+    """The stage-1 hook the ``sparsity`` section describes; a key set for another mechanism than the chosen one
+    (``gamma_lr`` with ``eq3``, say) is a config error naming the section, not a traceback."""
+    settings = ctx.config.sparsity
+    groups = partition(model, ctx.example_inputs)
+    costs = channel_costs(model, ctx.example_inputs) if by_macs else None
+    try:
+        return DynamicSparsity(
+            model,
+            s=settings.s,
+            switch_at=settings.switch_at if settings.schedule == "dynamic" else 1.0,
+            protect=settings.protect,
+            decay=settings.decay,
+            groups=groups,
+            mechanism=settings.mechanism,
+            lr=settings.gamma_lr,
+            follow_schedule=settings.follow_schedule,
+            push_floor=settings.push_floor,
+            target=settings.target,
+            score_share=settings.score_share,
+            costs=costs,
+        )
+    except ValueError as error:
+        raise ConfigError(
+            f"sparsity.mechanism {settings.mechanism!r}: {error} (config keys: gamma_lr is lr)",
+            "sparsity.mechanism",
+        ) from None
 
 
 def calibration_batches(ctx: Context, images: int) -> list[torch.Tensor]:

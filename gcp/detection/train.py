@@ -27,7 +27,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -364,52 +364,89 @@ def _append_history(history: dict[str, list], metrics: Mapping[str, float | int 
         values.append(metrics.get(name))
 
 
-def _check_arguments(
-    *,
-    train_data: Dataset,
-    val_data: Dataset | None,
-    epochs: int,
-    lr: float,
-    optimizer: str,
-    batch_size: int,
-    momentum: float,
-    weight_decay: float,
-    warmup_epochs: float,
-    seed: int,
-    eval_every: int,
-    num_workers: int,
-    max_steps_per_epoch: int | None,
-    resume: bool,
-    out_dir: str | os.PathLike | None,
-    loss_reduction: str,
-) -> None:
+@dataclass(frozen=True)
+class FitSettings:
+    """The settings of one :func:`fit` call, checked when made (every problem in one ValueError); see
+    :func:`fit` for what each one does. ``fit(..., epochs=3, lr=0.1)`` builds one from its keywords;
+    :meth:`from_section` builds one from a config section such as ``gcp.app.config.FitConfig``."""
+
+    epochs: int
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    batch_size: int = 16
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    ema: bool = False
+    out_dir: str | os.PathLike | None = None
+    resume: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    eval_every: int = 1
+    device: str | torch.device = "cpu"
+    sync_bn: bool = False
+    progress: bool = True
+    max_steps_per_epoch: int | None = None
+    bf16: bool = False
+    loss_reduction: str = "sum"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("fit: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, one line each (empty when nothing is)."""
+        problems = []
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            problems.append(f"epochs must be a positive int, got {self.epochs!r}")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.momentum < 1.0:
+            problems.append(f"momentum must lie in (0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be non-negative, got {self.weight_decay}")
+        if self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs must be non-negative, got {self.warmup_epochs}")
+        if self.seed < 0:
+            problems.append(f"seed must be non-negative, got {self.seed}")
+        if self.eval_every < 1:
+            problems.append(f"eval_every must be at least 1, got {self.eval_every}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be non-negative, got {self.num_workers}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            problems.append(f"max_steps_per_epoch must be at least 1 or None, got {self.max_steps_per_epoch}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            problems.append(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        if self.resume and self.out_dir is None:
+            problems.append("resume=True needs out_dir (the folder holding last.pt)")
+        return problems
+
+    @classmethod
+    def from_section(cls, section: Any, **others: Any) -> FitSettings:
+        """The settings a config section (a dataclass such as ``gcp.app.config.FitConfig``) holds, taken by
+        name (its fields that are no setting, such as a sparsity section's ``schedule``, are left out), plus
+        ``others``: the settings the section does not hold (where to write, the seed, the device). A setting in
+        both is a TypeError, so that no config value is silently replaced."""
+        names = {setting.name for setting in fields(cls)}
+        held = {item.name: getattr(section, item.name) for item in fields(section) if item.name in names}
+        twice = sorted(held.keys() & others.keys())
+        if twice:
+            raise TypeError(f"FitSettings.from_section: {twice} given both by the section and as keywords")
+        return cls(**held, **others)
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings a checkpoint records and a resume must repeat (``RESUME_SETTINGS``)."""
+        return {name: getattr(self, name) for name in RESUME_SETTINGS}
+
+
+def _check_data(train_data: Dataset, val_data: Dataset | None) -> None:
     problems = []
-    if not isinstance(epochs, int) or epochs < 1:
-        problems.append(f"epochs must be a positive int, got {epochs!r}")
-    if lr <= 0:
-        problems.append(f"lr must be positive, got {lr}")
-    if optimizer not in OPTIMIZERS:
-        problems.append(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if batch_size < 1:
-        problems.append(f"batch_size must be at least 1, got {batch_size}")
-    if not 0.0 < momentum < 1.0:
-        problems.append(f"momentum must lie in (0, 1), got {momentum}")
-    if weight_decay < 0:
-        problems.append(f"weight_decay must be non-negative, got {weight_decay}")
-    if warmup_epochs < 0:
-        problems.append(f"warmup_epochs must be non-negative, got {warmup_epochs}")
-    if seed < 0:
-        problems.append(f"seed must be non-negative, got {seed}")
-    if eval_every < 1:
-        problems.append(f"eval_every must be at least 1, got {eval_every}")
-    if num_workers < 0:
-        problems.append(f"num_workers must be non-negative, got {num_workers}")
-    if max_steps_per_epoch is not None and max_steps_per_epoch < 1:
-        problems.append(f"max_steps_per_epoch must be at least 1 or None, got {max_steps_per_epoch}")
-    if loss_reduction not in LOSS_REDUCTIONS:
-        problems.append(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-    if resume and out_dir is None:
-        problems.append("resume=True needs out_dir (the folder holding last.pt)")
     if len(train_data) == 0:
         problems.append("train_data is empty")
     if val_data is not None and len(val_data) == 0:
@@ -418,17 +455,18 @@ def _check_arguments(
         raise ValueError("fit: " + "; ".join(problems))
 
 
-def _check_same_settings(path: Path, recorded: Mapping[str, Any] | None, config: Mapping[str, Any]) -> None:
+def _check_same_settings(path: Path, recorded: Mapping[str, Any] | None, settings: FitSettings) -> None:
     """Refuse to resume a run with other settings than it was trained with: continuing a 5-epoch run asked for
     2 epochs at another lr would otherwise hand back the old model as if it were the new one. A checkpoint
     written before the settings were recorded resumes with a warning, since nothing can be checked."""
     if recorded is None:
         LOGGER.warning("%s records no fit settings (older gcp); resuming without checking them", path)
         return
+    now = settings.recorded()
     changed = [
-        f"{name}: checkpoint {recorded.get(name)!r}, now {config[name]!r}"
+        f"{name}: checkpoint {recorded.get(name)!r}, now {now[name]!r}"
         for name in RESUME_SETTINGS
-        if recorded.get(name) != config[name]
+        if recorded.get(name) != now[name]
     ]
     if changed:
         raise ValueError(
@@ -446,42 +484,26 @@ class _Trainer:
         train_data: Dataset,
         val_data: Dataset | None,
         *,
-        config: dict[str, Any],
+        settings: FitSettings,
         distributed: _Distributed,
         device: torch.device,
         hooks: Sequence[Any],
         loss_fn: LossFn | None,
         eval_fn: Callable[[nn.Module], Mapping[str, Any]] | None,
     ) -> None:
-        self.config = config
-        self.epochs: int = config["epochs"]
+        self.settings = settings
+        self.epochs = settings.epochs
         self.hooks = list(hooks)
         self.eval_fn = eval_fn
-        self.out_dir = Path(config["out_dir"]) if config["out_dir"] is not None else None
+        self.out_dir = Path(settings.out_dir) if settings.out_dir is not None else None
         self.distributed = distributed
         self.device = device
-        if config["sync_bn"] and self.distributed.enabled and self.device.type == "cpu":
+        if settings.sync_bn and distributed.enabled and device.type == "cpu":
             raise ValueError("sync_bn=True needs CUDA: torch's SyncBatchNorm does not run on CPU tensors")
-        _seed_everything(_derived_seed(config["seed"], self.distributed.rank))
-
-        self.module = model.to(self.device)
-        self.loss_fn = loss_fn if loss_fn is not None else _default_loss(self.module)
-        self.ema = ModelEMA(self.module) if config["ema"] else None
-        self.optimizer = build_optimizer(
-            self.module,
-            config["optimizer"],
-            lr=config["lr"],
-            momentum=config["momentum"],
-            weight_decay=config["weight_decay"],
-        )
-        self.train_loader, self.train_sampler, self.train_generator = self._loader(train_data, shuffle=True)
-        self.val_loader, self.val_generator = None, None
-        if val_data is not None:
-            self.val_loader, _, self.val_generator = self._loader(val_data, shuffle=False)
-        limit = config["max_steps_per_epoch"]
-        self.steps_per_epoch = len(self.train_loader) if limit is None else min(len(self.train_loader), limit)
-        self.total_steps = self.epochs * self.steps_per_epoch
-        self.warmup_steps = round(config["warmup_epochs"] * self.steps_per_epoch)
+        _seed_everything(_derived_seed(settings.seed, distributed.rank))
+        self._build_model_and_optimizer(model, loss_fn)
+        self._build_loaders(train_data, val_data)
+        self._plan_steps()
 
         self.step = 0
         self.start_epoch = 0
@@ -490,8 +512,36 @@ class _Trainer:
         self.train_model: nn.Module = self.module
         # DDP averages the ranks' gradients. A loss summed over this rank's B images, times the world size N,
         # makes that average the gradient of the sum over all N·B images: one process's step on them.
-        summed = config["loss_reduction"] == "sum"
+        summed = settings.loss_reduction == "sum"
         self.loss_scale = self.distributed.world_size if summed else 1
+
+    # ------------------------------------------------------------------------------------------ set-up steps
+
+    def _build_model_and_optimizer(self, model: nn.Module, loss_fn: LossFn | None) -> None:
+        settings = self.settings
+        self.module = model.to(self.device)
+        self.loss_fn = loss_fn if loss_fn is not None else _default_loss(self.module)
+        self.ema = ModelEMA(self.module) if settings.ema else None
+        self.optimizer = build_optimizer(
+            self.module,
+            settings.optimizer,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+        )
+
+    def _build_loaders(self, train_data: Dataset, val_data: Dataset | None) -> None:
+        self.train_loader, self.train_sampler, self.train_generator = self._loader(train_data, shuffle=True)
+        self.val_loader, self.val_generator = None, None
+        if val_data is not None:
+            self.val_loader, _, self.val_generator = self._loader(val_data, shuffle=False)
+
+    def _plan_steps(self) -> None:
+        """Steps per epoch (capped by max_steps_per_epoch), in all, and of warm-up."""
+        limit = self.settings.max_steps_per_epoch
+        self.steps_per_epoch = len(self.train_loader) if limit is None else min(len(self.train_loader), limit)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.warmup_steps = round(self.settings.warmup_epochs * self.steps_per_epoch)
 
     def _loader(
         self, dataset: Dataset, *, shuffle: bool
@@ -504,39 +554,49 @@ class _Trainer:
             num_replicas=self.distributed.world_size,
             rank=self.distributed.rank,
             shuffle=shuffle,
-            seed=self.config["seed"],
+            seed=self.settings.seed,
         )
-        generator = torch.Generator().manual_seed(_derived_seed(self.config["seed"], self.distributed.rank))
+        generator = torch.Generator().manual_seed(_derived_seed(self.settings.seed, self.distributed.rank))
         loader = DataLoader(
             dataset,
-            batch_size=self.config["batch_size"],
+            batch_size=self.settings.batch_size,
             sampler=sampler,
-            num_workers=self.config["num_workers"],
+            num_workers=self.settings.num_workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
             generator=generator,
         )
         return loader, sampler, generator
 
+    # ---------------------------------------------------------------------------------------------- resume
+
     def resume_from(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"resume=True but there is no checkpoint at {path}")
         checkpoint = load_checkpoint(path)
+        self._check_resumable(path, checkpoint)
+        self._load_state(checkpoint)
+
+    def _check_resumable(self, path: Path, checkpoint: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint this run cannot continue exactly: another world size, other settings, other
+        hooks, or no EMA where this run keeps one."""
         if checkpoint["world_size"] != self.distributed.world_size:
             raise ValueError(
                 f"{path} was written by {checkpoint['world_size']} process(es); resuming with "
                 f"{self.distributed.world_size} would not reproduce its data order and random streams"
             )
-        _check_same_settings(path, checkpoint.get("settings"), self.config)
+        _check_same_settings(path, checkpoint.get("settings"), self.settings)
         if len(checkpoint["hooks"]) != len(self.hooks):
             raise ValueError(
                 f"{path} holds states for {len(checkpoint['hooks'])} hooks, fit got {len(self.hooks)}"
             )
+        if self.ema is not None and checkpoint["ema"] is None:
+            raise ValueError(f"ema=True but {path} was trained without EMA")
+
+    def _load_state(self, checkpoint: Mapping[str, Any]) -> None:
         self.module.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.ema is not None:
-            if checkpoint["ema"] is None:
-                raise ValueError(f"ema=True but {path} was trained without EMA")
             self.ema.load_state_dict(checkpoint["ema"])
         for hook, state in zip(self.hooks, checkpoint["hooks"]):
             if state is not None:
@@ -555,7 +615,7 @@ class _Trainer:
         if not self.distributed.enabled:
             yield
             return
-        restore_batchnorm = _swap_in_sync_batchnorm(self.module) if self.config["sync_bn"] else None
+        restore_batchnorm = _swap_in_sync_batchnorm(self.module) if self.settings.sync_bn else None
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.train_model = DistributedDataParallel(self.module, device_ids=device_ids)
         try:
@@ -564,6 +624,8 @@ class _Trainer:
             self.train_model = self.module
             if restore_batchnorm is not None:
                 restore_batchnorm()
+
+    # -------------------------------------------------------------------------------------------- training
 
     def _hooks_with(self, method: str) -> list[Any]:
         return [hook for hook in self.hooks if hasattr(hook, method)]
@@ -586,17 +648,15 @@ class _Trainer:
         terms["total"] = total
         return terms
 
-    def _train_step(
-        self, images: torch.Tensor, targets: list[dict], epoch: int
-    ) -> tuple[dict[str, float], float]:
+    def _apply_schedule(self) -> float:
+        """Set this step's learning rate and momentum (beta1 for AdamW) on the optimiser, tell the hooks that
+        follow the schedule, and return the learning rate."""
         lr = warmup_cosine_lr(
-            self.step, base_lr=self.config["lr"], warmup_steps=self.warmup_steps, total_steps=self.total_steps
+            self.step, base_lr=self.settings.lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps
         )
-        momentum = warmup_momentum(
-            self.step, momentum=self.config["momentum"], warmup_steps=self.warmup_steps
-        )
+        momentum = warmup_momentum(self.step, momentum=self.settings.momentum, warmup_steps=self.warmup_steps)
         for hook in self._hooks_with("on_lr"):  # hooks with an optimiser of their own follow the schedule
-            hook.on_lr(lr / self.config["lr"])
+            hook.on_lr(lr / self.settings.lr)
         for hook in self._hooks_with("on_step"):  # hooks whose schedule runs in steps, not epochs
             hook.on_step(self.step, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -605,11 +665,17 @@ class _Trainer:
                 group["betas"] = (momentum, group["betas"][1])
             else:
                 group["momentum"] = momentum
+        return lr
 
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config["bf16"]):
+    def _forward_and_loss(
+        self, images: torch.Tensor, targets: list[dict], epoch: int
+    ) -> dict[str, torch.Tensor]:
+        """The training forward (bf16 autocast when asked) and its loss terms, scaled for DDP and checked to
+        be finite."""
+        bf16 = self.settings.bf16
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = self.train_model(images)
-        if self.config["bf16"]:
+        if bf16:
             outputs = _to_float32(outputs)
         terms = self._loss_terms(images, targets, outputs)
         if self.loss_scale != 1:
@@ -617,6 +683,14 @@ class _Trainer:
         if not torch.isfinite(terms["total"]):
             values = {name: float(value.detach()) for name, value in terms.items()}
             raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {self.step}: {values}")
+        return terms
+
+    def _train_step(
+        self, images: torch.Tensor, targets: list[dict], epoch: int
+    ) -> tuple[dict[str, float], float]:
+        lr = self._apply_schedule()
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self._forward_and_loss(images, targets, epoch)
         terms["total"].backward()
         for hook in self._hooks_with("after_backward"):
             hook.after_backward(epoch, self.epochs)
@@ -629,11 +703,11 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
         """One pass over this rank's shard; returns each loss term's mean over all ranks, and the last lr."""
         self.train_sampler.set_epoch(epoch)
-        self.train_generator.manual_seed(_derived_seed(self.config["seed"], epoch, self.distributed.rank))
+        self.train_generator.manual_seed(_derived_seed(self.settings.seed, epoch, self.distributed.rank))
         self.train_model.train()
         sums: dict[str, float] = {}
         lr = 0.0
-        show_progress = self.config["progress"] and self.distributed.is_main
+        show_progress = self.settings.progress and self.distributed.is_main
         progress = tqdm(
             itertools.islice(self.train_loader, self.steps_per_epoch),
             total=self.steps_per_epoch,
@@ -641,7 +715,7 @@ class _Trainer:
             disable=not show_progress,
         )
         for done, (images, targets) in enumerate(progress, start=1):
-            images = batch_to(images, self.device, channels_last=self.config["channels_last"])
+            images = batch_to(images, self.device, channels_last=self.settings.channels_last)
             terms, lr = self._train_step(images, _to_device(targets, self.device), epoch)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -660,6 +734,8 @@ class _Trainer:
         if self.distributed.enabled:
             dist.all_reduce(totals)
         return {name: float(totals[i] / totals[-1]) for i, name in enumerate(names)}
+
+    # ------------------------------------------------------------------------------------- end of an epoch
 
     def _evaluated_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.module
@@ -681,9 +757,9 @@ class _Trainer:
         sums: dict[str, float] = {}
         images_seen = 0
         # The same worker seeds every pass, so the validation loss never depends on how often it ran before.
-        self.val_generator.manual_seed(_derived_seed(self.config["seed"], self.distributed.rank))
+        self.val_generator.manual_seed(_derived_seed(self.settings.seed, self.distributed.rank))
         for images, targets in self.val_loader:
-            outputs = model(batch_to(images, self.device, channels_last=self.config["channels_last"]))
+            outputs = model(batch_to(images, self.device, channels_last=self.settings.channels_last))
             losses = self.loss_fn(outputs, _to_device(targets, self.device))
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * len(images)
@@ -714,7 +790,7 @@ class _Trainer:
             "epochs": self.epochs,
             "step": self.step,
             "world_size": self.distributed.world_size,
-            "settings": {name: self.config[name] for name in RESUME_SETTINGS},
+            "settings": self.settings.recorded(),
             "model": self.module.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
@@ -738,21 +814,26 @@ class _Trainer:
             atomic_torch_save(checkpoint, self.out_dir / "best.pt")
         atomic_write_json(self.out_dir / "history.json", self.history)
 
+    def _scheduled_evaluation(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """eval_fn's metrics when this epoch is one to evaluate (every eval_every epochs, and the last), and
+        whether mAP@0.5 improved on the best so far (which it then becomes)."""
+        due = (epoch + 1) % self.settings.eval_every == 0 or epoch == self.epochs - 1
+        if self.eval_fn is None or not due:
+            return {}, False
+        evaluation = self._evaluate()
+        improved = self.best_map50 is None or evaluation["map50"] > self.best_map50
+        if improved:
+            self.best_map50 = evaluation["map50"]
+        return evaluation, improved
+
     def _end_epoch(self, epoch: int, train_means: dict[str, float], lr: float, seconds: float) -> None:
         self._broadcast_buffers()
         metrics: dict[str, float | int] = {"epoch": epoch, "lr": lr, "seconds": seconds}
         metrics |= {f"train/{name}": value for name, value in train_means.items()}
         if self.val_loader is not None:
             metrics |= {f"val/{name}": value for name, value in self._validation_loss().items()}
-        improved = False
-        if self.eval_fn is not None and (
-            (epoch + 1) % self.config["eval_every"] == 0 or epoch == self.epochs - 1
-        ):
-            evaluation = self._evaluate()
-            metrics |= {f"metrics/{name}": value for name, value in evaluation.items()}
-            improved = self.best_map50 is None or evaluation["map50"] > self.best_map50
-            if improved:
-                self.best_map50 = evaluation["map50"]
+        evaluation, improved = self._scheduled_evaluation(epoch)
+        metrics |= {f"metrics/{name}": value for name, value in evaluation.items()}
         _append_history(self.history, metrics)
         for hook in self._hooks_with("on_epoch_end"):
             hook.on_epoch_end(epoch, dict(metrics))
@@ -793,31 +874,17 @@ def fit(
     train_data: Dataset,
     val_data: Dataset | None = None,
     *,
-    epochs: int,
-    lr: float = 0.01,
-    optimizer: str = "sgd",
-    batch_size: int = 16,
-    momentum: float = 0.937,
-    weight_decay: float = 5e-4,
-    warmup_epochs: float = 1.0,
     hooks: Sequence[Any] = (),
     loss_fn: LossFn | None = None,
-    ema: bool = False,
-    out_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    seed: int = 0,
-    num_workers: int = 0,
     eval_fn: Callable[[nn.Module], Mapping[str, Any]] | None = None,
-    eval_every: int = 1,
-    device: str | torch.device = "cpu",
-    sync_bn: bool = False,
-    progress: bool = True,
-    max_steps_per_epoch: int | None = None,
-    bf16: bool = False,
-    loss_reduction: str = "sum",
-    channels_last: bool = False,
+    settings: FitSettings | None = None,
+    **options: Any,
 ) -> dict[str, list]:
     """Train ``model`` in place and return the per-epoch history.
+
+    The settings come as keywords, one per :class:`FitSettings` field (``epochs`` required, the rest with its
+    defaults), or whole as ``settings=FitSettings(...)``, which keywords then override; either way they are
+    checked before anything runs, every problem in one ValueError.
 
     Each step: forward, ``loss_fn(outputs, targets)`` (default ``gcp.detection.loss.YoloLoss(model)``) plus every hook's
     ``loss_terms(images, targets, outputs)``, backward, every hook's ``after_backward(epoch, epochs)`` (epoch
@@ -863,57 +930,21 @@ def fit(
     (:func:`gcp.detection.data.batch_to`); it needs 4-D batches and a model whose code does not assume contiguous
     feature maps (``.view`` on a permuted map fails; ``.reshape`` works).
     """
-    _check_arguments(
-        train_data=train_data,
-        val_data=val_data,
-        epochs=epochs,
-        lr=lr,
-        optimizer=optimizer,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        seed=seed,
-        eval_every=eval_every,
-        num_workers=num_workers,
-        max_steps_per_epoch=max_steps_per_epoch,
-        resume=resume,
-        out_dir=out_dir,
-        loss_reduction=loss_reduction,
-    )
-    config = dict(
-        epochs=epochs,
-        lr=lr,
-        optimizer=optimizer,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        ema=ema,
-        out_dir=out_dir,
-        seed=seed,
-        num_workers=num_workers,
-        eval_every=eval_every,
-        sync_bn=sync_bn,
-        progress=progress,
-        max_steps_per_epoch=max_steps_per_epoch,
-        bf16=bf16,
-        loss_reduction=loss_reduction,
-        channels_last=channels_last,
-    )
-    distributed, device = _setup_distributed(torch.device(device))
+    settings = replace(settings, **options) if settings is not None else FitSettings(**options)
+    _check_data(train_data, val_data)
+    distributed, device = _setup_distributed(torch.device(settings.device))
     trainer = _Trainer(
         model,
         train_data,
         val_data,
-        config=config,
+        settings=settings,
         distributed=distributed,
         device=device,
         hooks=hooks,
         loss_fn=loss_fn,
         eval_fn=eval_fn,
     )
-    if resume:
-        trainer.resume_from(Path(out_dir) / "last.pt")
+    if settings.resume:
+        trainer.resume_from(Path(settings.out_dir) / "last.pt")
     with trainer.wrapped_for_distributed():
         return trainer.run()
