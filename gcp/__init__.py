@@ -7,6 +7,7 @@ Chu et al., "Group channel pruning and spatial attention distilling for object d
 # The packages that fill the core's registries (detector families, model builders, runtimes) load with gcp.
 import gcp.adapters  # noqa: F401
 import gcp.runtime.timers  # noqa: F401
+from gcp.app.compress import CompressResult, compress
 from gcp.core.graph import pruning_ratio_dict
 from gcp.core.importance import BNGammaImportance, L1FilterImportance, RandomImportance, ThiNetImportance
 from gcp.core.prune import PruneResult, prune_detector
@@ -17,11 +18,13 @@ from gcp.sparse import DynamicSparsity
 
 __all__ = [
     "BNGammaImportance",
+    "CompressResult",
     "DynamicSparsity",
     "L1FilterImportance",
     "PruneResult",
     "RandomImportance",
     "ThiNetImportance",
+    "compress",
     "evaluate",
     "export_onnx",
     "load_pruned",

@@ -78,6 +78,7 @@ def test_help_explains_every_subcommand(capsys: pytest.CaptureFixture) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     overview = capsys.readouterr().out
+    assert "demo the whole method on DigitScenes: 9.0 min on a fresh clone" in " ".join(overview.split())
     for command in COMMANDS:
         assert command in overview
         with pytest.raises(SystemExit):
@@ -160,6 +161,31 @@ def test_sparse_train_with_the_selective_mechanism_zeroes_channels(
     norms = prunable_norms(load_model(other / "sparse.pt"))
     gammas = torch.cat([m.weight.detach().flatten() for m in norms.values()])
     assert 0.05 < float((gammas == 0).float().mean()) < 0.95  # chosen per MAC, so not 30 % of the channels
+
+
+def test_a_sparsity_key_of_another_mechanism_is_a_config_error(
+    run: Path, tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    options = ["--weights", str(run / "trained.pt"), "--set", "sparsity.mechanism=eq3"]
+    assert (
+        gcp(tiny_config, tmp_path / "eq3", "sparse-train", *options, "--set", "sparsity.push_floor=0.5") == 2
+    )
+    error = capsys.readouterr().err
+    assert "sparsity.mechanism 'eq3'" in error and "push_floor=0.5 applies only to layer_relative" in error
+    assert not (tmp_path / "eq3" / "sparse.pt").exists()
+
+
+def test_the_latency_budget_is_timed_on_tensorrt_only_where_cuda_and_tensorrt_exist(monkeypatch) -> None:
+    from gcp.app.config import PruneConfig
+    from gcp.app.pipeline import latency_runtime
+
+    assert latency_runtime(PruneConfig(budget="macs")) is None
+    assert latency_runtime(PruneConfig(budget="latency", runtime="tensorrt")) == "tensorrt"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert latency_runtime(PruneConfig(budget="latency")) == "onnxruntime"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "tensorrt" else None)
+    assert latency_runtime(PruneConfig(budget="latency")) == "tensorrt"
 
 
 def test_prune_methods_flags_and_group_files(run: Path, tiny_config: Path, tmp_path: Path) -> None:

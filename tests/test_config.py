@@ -90,6 +90,10 @@ def test_wrong_types_name_the_key_and_the_expected_type(raw: dict, message: str)
         ({"device": "gpu"}, r"device: expected cpu, cuda, cuda:N or auto, got 'gpu'"),
         ({"prune": {"allocator": "explicit"}}, r"prune\.group_ratios .* allocator 'explicit'"),
         (
+            {"prune": {"runtime": "tensorrt"}},
+            r"prune\.runtime: 'tensorrt' is what budget latency is timed on; the budget is 'channels'",
+        ),
+        (
             {"prune": {"allocator": "explicit", "group_ratios": {"head": 1.2}}},
             r"prune\.group_ratios\.head: a group's ratio must lie in \[0, 1\), got 1\.2",
         ),

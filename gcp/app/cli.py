@@ -11,9 +11,10 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gcp.app.compress import compress
 from gcp.app.config import (
     BUDGETS,
     DEFAULT_CONFIG,
@@ -50,11 +51,13 @@ stages and the files they hand over (all inside --run-dir):
   gcp distill        pruned_<method>.pt + trained.pt (teacher) -> distilled_<method>.pt
   gcp eval | export | bench | plot   model files -> report.json, export/, plots/
   gcp demo           all of the above on DigitScenes, starting from the shipped teacher
+  gcp compress       your model + data.yaml -> the three stages, evaluation, ONNX, latency and report.md
   (model.name: ultralytics: every file is an Ultralytics checkpoint, trained.pt is model.weights imported,
   and every training stage runs Ultralytics' trainer on data.yaml; see the packaged config ultralytics)
 
 examples:
   gcp demo
+  gcp compress --model runs/detect/train/weights/best.pt --data data.yaml --target macs=0.4 --run-dir runs/c
   gcp train --config paper_yolov4_voc --set data.root=/data/VOCdevkit --run-dir runs/voc
   gcp prune --config paper_yolov4_voc --run-dir runs/voc --method slim --ratio 0.4
   gcp sparse-train --config ultralytics --set data.yaml=data.yaml --set model.weights=best.pt --set model.num_classes=3
@@ -62,6 +65,7 @@ examples:
 
 
 def _common_options() -> argparse.ArgumentParser:
+    """The parent parser of every subcommand: config, overrides, run directory, resume/overwrite, device."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("run options (every subcommand)")
     group.add_argument(
@@ -101,6 +105,9 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
+# ---------------------------------------------------------------- options shared by several subcommands
+
+
 def _checkpoints(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--checkpoint",
@@ -116,21 +123,23 @@ def _method(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--method", choices=PRUNE_METHODS, help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``gcp`` argument parser (one subparser per stage)."""
-    parser = argparse.ArgumentParser(
-        prog="gcp",
-        description="Group channel pruning, dynamic sparse training and group spatial attention distillation "
-        "for object detectors (Chu et al., arXiv 2306.01526).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = [_common_options()]
+def _pruned_input(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--method of a stage that recovers a pruned model: which pruned_<method>.pt it reads."""
+    _method(parser, f"which pruned_<method>.pt to {verb} (default: prune.method)")
 
-    def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, parents=common, help=help_text, description=description)
 
+def _teacher(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--teacher", type=Path, help=help_text)
+
+
+# Adds one subcommand with the run options: add(name, one-line help, description) -> its parser.
+AddCommand = Callable[[str, str, str], argparse.ArgumentParser]
+
+
+# ------------------------------------------------------------------------------ one function per subcommand
+
+
+def _train_command(add: AddCommand) -> None:
     add(
         "train",
         "train the unpruned detector",
@@ -139,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite.",
     )
 
+
+def _sparse_train_command(add: AddCommand) -> None:
     sparse = add(
         "sparse-train",
         "sparse training on BatchNorm γ (paper §4.1)",
@@ -155,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", type=Path, help="model file to sparse-train instead of the run's trained.pt"
     )
 
+
+def _prune_command(add: AddCommand) -> None:
     prune = add(
         "prune",
         "prune channels (paper §4.2, or a baseline method)",
@@ -188,24 +201,28 @@ def build_parser() -> argparse.ArgumentParser:
         "patterns of BatchNorm names (prune.groups)",
     )
 
+
+def _finetune_command(add: AddCommand) -> None:
     finetune = add(
         "finetune",
         "fine-tune a pruned model with the detection loss",
         "Fine-tune pruned_<method>.pt with the finetune section's schedule; writes finetuned_<method>.pt.",
     )
-    _method(finetune, "which pruned_<method>.pt to fine-tune (default: prune.method)")
+    _pruned_input(finetune, "fine-tune")
 
+
+def _distill_command(add: AddCommand) -> None:
     distill = add(
         "distill",
         "recover a pruned model by group spatial attention distillation (paper §4.3)",
         "Train pruned_<method>.pt with attention, soft-target and detection losses (paper eq. 4) taught by the "
         "unpruned trained.pt, with the distill section's schedule and betas; writes distilled_<method>.pt.",
     )
-    _method(distill, "which pruned_<method>.pt to distil (default: prune.method)")
-    distill.add_argument(
-        "--teacher", type=Path, help="unpruned teacher model file (default: the run's trained.pt)"
-    )
+    _pruned_input(distill, "distil")
+    _teacher(distill, "unpruned teacher model file (default: the run's trained.pt)")
 
+
+def _eval_command(add: AddCommand) -> None:
     evaluate = add(
         "eval",
         "mAP, params, MACs and size of model files",
@@ -215,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoints(evaluate, "evaluate")
     evaluate.add_argument("--split", choices=("train", "val", "test"), help="split to score")
 
+
+def _export_command(add: AddCommand) -> None:
     export = add(
         "export",
         "export models to ONNX or TensorRT",
@@ -224,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("format", choices=("onnx", "tensorrt"), help="what to export to")
     _checkpoints(export, "export")
 
+
+def _plot_command(add: AddCommand) -> None:
     plot = add(
         "plot",
         "draw the paper's figures for this run",
@@ -233,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("kind", choices=("gammas", "sparsity", "tradeoff"), help="which figure")
 
+
+def _bench_command(add: AddCommand) -> None:
     bench = add(
         "bench",
         "measure inference latency",
@@ -250,15 +273,89 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time TensorRT engines (CUDA GPU and tensorrt package needed)",
     )
 
+
+def _demo_command(add: AddCommand) -> None:
     demo = add(
         "demo",
-        "the whole method on DigitScenes, in about 20 minutes on 2 CPU cores",
+        "the whole method on DigitScenes: 9.0 min on a fresh clone, 2 CPU cores",
         "Start from the shipped teacher (gcp/assets/digits_teacher.pt), sparse-train it, prune it with every "
         "demo.methods entry at the same budget, recover each pruned model by fine-tuning and by GSA "
         "distillation, evaluate everything, export to ONNX, time ONNX Runtime, draw the plots and print one "
         "comparison table. Sizes and epochs come from the config (default: the packaged demo config).",
     )
-    demo.add_argument("--teacher", type=Path, help="model file to start from instead of the shipped teacher")
+    _teacher(demo, "model file to start from instead of the shipped teacher")
+
+
+def _compress_command(add: AddCommand) -> None:
+    compress_parser = add(
+        "compress",
+        "your trained model and data -> a smaller model, evaluated, exported and reported",
+        "The paper's three stages on your model and data in one run directory: stage 1 sparse training -> "
+        "group channel pruning to --target -> GSA recovery taught by the original model -> evaluation of the "
+        "original, pruned and recovered models -> ONNX export checked in ONNX Runtime and timed against the "
+        "original -> report.md and report.json. Every input is checked before training starts and is only "
+        "read; a killed run continues with --resume. --config is optional here (the default demo config of "
+        "the other commands is not used): without it the config comes from the model, the data, the target "
+        "and defaults derived from the training set's size; --set overrides any key.",
+    )
+    compress_parser.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="the trained model: an Ultralytics checkpoint (.pt) or model YAML, or a gcp model file",
+    )
+    compress_parser.add_argument(
+        "--data", type=Path, help="the Ultralytics data.yaml (or give the data through --config)"
+    )
+    compress_parser.add_argument(
+        "--target",
+        default="macs=0.4",
+        help="share to remove: macs=R, params=R or latency=R (ONNX Runtime), R in (0, 1); default: %(default)s",
+    )
+    compress_parser.add_argument(
+        "--sparse-epochs", type=int, help="stage 1 epochs (default: from the training set's size)"
+    )
+    compress_parser.add_argument(
+        "--recover-epochs", type=int, help="stage 3 epochs (default: from the training set's size)"
+    )
+    compress_parser.add_argument(
+        "--imgsz", type=int, help="image size (default: the config's data.size; 640 for Ultralytics)"
+    )
+
+
+# In the order `gcp --help` lists them.
+SUBCOMMANDS: tuple[Callable[[AddCommand], None], ...] = (
+    _train_command,
+    _sparse_train_command,
+    _prune_command,
+    _finetune_command,
+    _distill_command,
+    _eval_command,
+    _export_command,
+    _plot_command,
+    _bench_command,
+    _demo_command,
+    _compress_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gcp`` argument parser (one subparser per stage, each added by its function in SUBCOMMANDS)."""
+    parser = argparse.ArgumentParser(
+        prog="gcp",
+        description="Group channel pruning, dynamic sparse training and group spatial attention distillation "
+        "for object detectors (Chu et al., arXiv 2306.01526).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_common_options()]
+
+    def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=common, help=help_text, description=description)
+
+    for add_subcommand in SUBCOMMANDS:
+        add_subcommand(add)
     return parser
 
 
@@ -292,7 +389,31 @@ def _overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return overrides, origins
 
 
+def _compress(args: argparse.Namespace) -> int:
+    """``gcp compress``: :func:`gcp.app.compress.compress` with the command's flags; prints one line per stage,
+    then the report's table and path."""
+    compress(
+        args.model,
+        args.data,
+        args.target,
+        run_dir=args.run_dir,
+        config=None if args.config == DEFAULT_CONFIG else args.config,
+        sparse_epochs=args.sparse_epochs,
+        recover_epochs=args.recover_epochs,
+        imgsz=args.imgsz,
+        device=args.device,
+        overrides=args.overrides,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        echo=print,
+    )
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "compress":
+        return _compress(args)
     overrides, origins = _overrides(args)
     config, source = load_config(args.config, overrides, origins=origins)
     run_dir = args.run_dir or Path("runs") / resolve_config_path(args.config).stem

@@ -38,6 +38,7 @@ from gcp.vocab import (
     EVAL_SPLITS,
     OPTIMIZERS,
     PRUNE_METHODS,
+    RUNTIMES,
     SCHEDULES,
     SPARSITY_MECHANISMS,
 )
@@ -253,7 +254,9 @@ class PruneConfig:
     the plain trained model; ``calib_images`` real training images feed ThiNet's reconstruction error and the
     offset compensation of every method; ``max_group_ratio`` caps any one group's share (gcp); ``bn_free``
     says what γ methods do with layers that have no BatchNorm (``l1``: rank them by filter L1 norm and cut the
-    share the γ thresholds cut; ``keep``: leave them whole; the report lists them either way)."""
+    share the γ thresholds cut; ``keep``: leave them whole; the report lists them either way). ``runtime`` is
+    what ``budget: latency`` is timed on: ``auto`` is TensorRT where CUDA and the tensorrt package are present
+    (the GPU a detector is deployed on), else ONNX Runtime on this CPU; it applies to that budget only."""
 
     method: str = option("gcp", choices=PRUNE_METHODS)
     ratio: float = option(0.38, within=PRUNE_RATIO)  # what prune_detector accepts
@@ -267,6 +270,7 @@ class PruneConfig:
     source: str = option("sparse", choices=PRUNE_SOURCES)
     calib_images: int = option(32, minimum=1)
     bn_free: str = option("l1", choices=BN_FREE)
+    runtime: str = option("auto", choices=("auto", *RUNTIMES))
 
 
 @dataclass
@@ -491,6 +495,12 @@ def build_config(raw: Mapping[str, Any] | None) -> ExperimentConfig:
         raise ConfigError(
             "prune.group_ratios (one ratio per group) is used exactly when prune.allocator is 'explicit'; "
             f"got allocator {config.prune.allocator!r} with group_ratios {config.prune.group_ratios!r}"
+        )
+    if config.prune.runtime != "auto" and config.prune.budget != "latency":
+        raise ConfigError(
+            f"prune.runtime: {config.prune.runtime!r} is what budget latency is timed on; the budget is "
+            f"{config.prune.budget!r}",
+            "prune.runtime",
         )
     for group, ratio in (config.prune.group_ratios or {}).items():
         if not 0.0 <= ratio < 1.0:  # checked here, not after the hours of sparse training before the prune

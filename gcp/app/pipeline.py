@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from distill import GroupAttentionDistiller
 from gcp.app import plots
-from gcp.app.config import ConfigError, ExperimentConfig, FitConfig, check_paths, dump_config
+from gcp.app.config import ConfigError, ExperimentConfig, FitConfig, PruneConfig, check_paths, dump_config
 from gcp.core.prune import PruneResult, channel_costs, prune_detector
 from gcp.core.report import count_macs_params, size_mb
 from gcp.core.serialize import (  # the model-file formats live in gcp.core.serialize
@@ -733,7 +734,20 @@ def _prune(ctx: Context, model: nn.Module, method: str, ratio: Any) -> Any:
         bn_free=settings.bn_free,
         calib_data=calibration_batches(ctx, settings.calib_images),
         seed=ctx.config.seed,
+        latency=latency_runtime(settings),
     )
+
+
+def latency_runtime(settings: PruneConfig) -> str | None:
+    """The runtime ``budget: latency`` is timed on (None for the other budgets, which time nothing): the
+    configured one, or with ``auto`` TensorRT where CUDA and the tensorrt package are present, else ONNX
+    Runtime on this CPU."""
+    if settings.budget != "latency":
+        return None
+    if settings.runtime != "auto":
+        return settings.runtime
+    has_tensorrt = torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
+    return "tensorrt" if has_tensorrt else "onnxruntime"
 
 
 def sweep_stage(ctx: Context) -> list[dict[str, Any]]:

@@ -388,3 +388,67 @@ def plot_tradeoff(
     ax.margins(x=0.08, y=0.12)
     _save_png(figure, path)
     return figure
+
+
+def plot_loss_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float | None]]], path: str | os.PathLike
+) -> Figure:
+    """One panel per training stage (``stage → {loss term → value per epoch}``), one line per loss term: how
+    each stage's losses moved (``gcp compress``'s report). Missing values (None) are left out of a line."""
+    _check_png_path(path)
+    stages = {stage: terms for stage, terms in curves.items() if terms}
+    if not stages:
+        raise ValueError(
+            "plot_loss_curves needs at least one stage with a loss term (stage -> term -> values)"
+        )
+    figure = _new_figure(4.8 * len(stages), 3.6)
+    axes = figure.subplots(1, len(stages), squeeze=False).flatten()
+    for ax, (stage, terms) in zip(axes, stages.items()):
+        for index, (name, values) in enumerate(terms.items()):
+            points = [(epoch + 1, float(v)) for epoch, v in enumerate(values) if v is not None]
+            if not points:
+                continue
+            epochs, losses = zip(*points)
+            ax.plot(epochs, losses, marker="o", markersize=3, color=f"C{index % 10}", label=name)
+        epochs_run = max((len(values) for values in terms.values()), default=1)
+        ax.set_title(stage)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss (epoch mean)")
+        ax.set_xlim(0.5, epochs_run + 0.5)
+        if epochs_run <= 20:
+            ax.set_xticks(range(1, epochs_run + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.suptitle("Training losses per stage")
+    _save_png(figure, path)
+    return figure
+
+
+def plot_group_ratios(groups: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Figure:
+    """The share of channels the allocator removed from each group (bars, with kept/total channels on each):
+    the rows of a pruning report's ``groups`` (``name``, ``ratio``, ``channels_before``, ``channels_after``)."""
+    _check_png_path(path)
+    if not groups:
+        raise ValueError("plot_group_ratios needs at least one group (a pruning report's 'groups')")
+    names = [str(group["name"]) for group in groups]
+    ratios = np.asarray([100 * float(group["ratio"]) for group in groups])
+    figure = _new_figure(max(6.0, 0.9 * len(groups) + 2.0), 3.8)
+    ax = figure.subplots()
+    bars = ax.bar(range(len(groups)), ratios, color="tab:blue", alpha=0.7)
+    for bar, group in zip(bars, groups):
+        ax.annotate(
+            f"{group['channels_after']}/{group['channels_before']}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize="small",
+        )
+    ax.set_xticks(range(len(groups)), names, rotation=30, ha="right")
+    ax.set_ylabel("channels removed (%)")
+    ax.set_ylim(0, max(100.0, float(ratios.max()) * 1.1))
+    ax.set_title("Channels removed per group by the allocator\n(kept / before on each bar)")
+    ax.grid(axis="y", alpha=0.3)
+    _save_png(figure, path)
+    return figure
