@@ -9,7 +9,7 @@ from __future__ import annotations
 # Pruning (gcp.core.prune, paper §4.2): what decides which channels go, how a budget is split over the groups,
 # what the ratio counts, how residual-coupled channels are decided (§4.2.3) and what happens to units without
 # BatchNorm.
-PRUNE_METHODS = ("gcp", "slim", "thinet", "l1", "random")
+PRUNE_METHODS = ("gcp", "slim", "thinet", "l1", "random", "lcp")
 ALLOCATORS = ("valley", "paper", "explicit")
 BUDGETS = ("channels", "params", "macs", "latency")
 COUPLINGS = ("vote", "mean", "max")

@@ -201,7 +201,7 @@ def test_prune_methods_flags_and_group_files(run: Path, tiny_config: Path, tmp_p
     report = json.loads((other / "prune_gcp.json").read_text())
     assert report["budget"] == "params" and [g["name"] for g in report["groups"]] == ["backbone", "rest"]
     assert report["params"]["pruned"] == pytest.approx(0.25, abs=0.03)
-    for method in ("slim", "thinet"):
+    for method in ("slim", "thinet", "lcp"):  # lcp: calibration images with their boxes
         assert gcp(tiny_config, other, "prune", "--method", method) == 0
         pruned = load_pruned(other / f"pruned_{method}.pt")
         assert sum(p.numel() for p in pruned.parameters()) < report["params"]["before"]

@@ -672,13 +672,19 @@ def _sparsity_hook(ctx: Context, model: nn.Module, by_macs: bool) -> Any:
         ) from None
 
 
-def calibration_batches(ctx: Context, images: int) -> list[torch.Tensor]:
+def calibration_batches(ctx: Context, images: int, *, with_targets: bool = False) -> list[Any]:
     """The first ``images`` un-augmented training images in batches: ThiNet's reconstruction data and the
-    activations whose means the pruning folds into the next layer."""
+    activations whose means the pruning folds into the next layer; with ``with_targets`` each batch is
+    ``(images, targets)``, the labelled calibration LCP needs (its auxiliary loss is about the boxes)."""
     data = ctx.dataset("train")
     count = min(images, len(data))
-    stacked = torch.stack([data[i][0] for i in range(count)])
-    return list(stacked.split(CALIBRATION_BATCH))
+    samples = [data[i] for i in range(count)]
+    batches = []
+    for start in range(0, count, CALIBRATION_BATCH):
+        chunk = samples[start : start + CALIBRATION_BATCH]
+        stacked = torch.stack([image for image, _target in chunk])
+        batches.append((stacked, [target for _image, target in chunk]) if with_targets else stacked)
+    return batches
 
 
 def prune_stage(ctx: Context, method: str | None = None) -> Path:
@@ -732,7 +738,7 @@ def _prune(ctx: Context, model: nn.Module, method: str, ratio: Any) -> Any:
         max_group_ratio=settings.max_group_ratio,
         round_to=settings.round_to,
         bn_free=settings.bn_free,
-        calib_data=calibration_batches(ctx, settings.calib_images),
+        calib_data=calibration_batches(ctx, settings.calib_images, with_targets=method == "lcp"),
         seed=ctx.config.seed,
         latency=latency_runtime(settings),
     )

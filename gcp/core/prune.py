@@ -38,6 +38,7 @@ from gcp.core.latency import (
     latency_table,
     resolve_timer,
 )
+from gcp.core.lcp import LCPImportance, check_calib_targets
 from gcp.core.registry import Adapter, failing_module, resolve_adapter, snapshot_submodules, tracing_hint
 from gcp.core.report import build_report, out_channels
 from gcp.core.serialize import save_pruned
@@ -172,6 +173,8 @@ def _check_spec(ratio: Any, spec: _Spec, latency_checks: int) -> None:
         raise ValueError(
             "method='thinet' needs calib_data: a few image batches to measure reconstruction error"
         )
+    if spec.method == "lcp":
+        check_calib_targets(spec.calib_data)
     if not isinstance(latency_checks, int) or isinstance(latency_checks, bool) or latency_checks < 0:
         raise ValueError(f"latency_checks must be an integer >= 0, got {latency_checks!r}")
 
@@ -824,10 +827,15 @@ def _decide_by_rank(
     seed: int,
     decider: _Decider,
     measure: _Budget,
+    extra: dict[str, Any] | None = None,
 ) -> list[torch.Tensor]:
-    """l1/thinet/random: rank each unit's channels and remove the same fraction of every unit."""
-    if method == "thinet":
-        scorer: Any = ThiNetImportance(seed=seed)
+    """l1/thinet/random/lcp: rank each unit's channels and remove the same fraction of every unit."""
+    scorer: Any
+    if method == "lcp":  # gcp.core.lcp; its per-layer seconds go to the report's "lcp" entry
+        scorer = LCPImportance(seed=seed)
+        scorer.collect(model, batches, units, lambda mdl, b: run_forward(mdl, b, forward_fn))
+    elif method == "thinet":
+        scorer = ThiNetImportance(seed=seed)
         consumers = {m.module for u in units for m in u.ins}
         scorer.collect(model, batches, consumers, lambda mdl, b: run_forward(mdl, b, forward_fn))
     elif method == "l1":
@@ -841,6 +849,8 @@ def _decide_by_rank(
     fraction = bisect(lambda q: measure(decider.by_fraction(scores, q)), float(ratio), 0.0, 1.0)
     masks = decider.by_fraction(scores, fraction)
     warn_if_missed(measure(masks), float(ratio))
+    if method == "lcp" and extra is not None:
+        extra["lcp"] = scorer.report()
     return masks
 
 
@@ -1041,7 +1051,9 @@ def prune_detector(
     default :func:`grouping.partition`), thresholds from ``allocator``, residual-coupled channels decided by
     ``coupling`` (``"vote"``: the public mask of §4.2.3). ``"slim"`` is Network Slimming: one global |γ|
     threshold. ``"thinet"`` (needs ``calib_data``), ``"l1"`` and ``"random"`` remove the same fraction of every
-    coupled unit, ranked by next-layer reconstruction, filter L1 norm or chance. Tied |γ| (a freshly built
+    coupled unit, ranked by next-layer reconstruction, filter L1 norm or chance; ``"lcp"`` ranks by
+    localization-aware channel pruning (:mod:`gcp.core.lcp`) and needs ``calib_data`` as (images, targets)
+    batches. Tied |γ| (a freshly built
     model) are ordered by :func:`gamma_scores`, so the ratio is still met. Prediction layers (convs that feed
     an output) keep their outputs; ``ignored_layers`` adds more. Removed channels' mean activations are folded
     into their consumers. Bad input raises before the model is touched.
@@ -1112,6 +1124,7 @@ class _Decision:
     groups: list[Group] | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
     without_bn: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _prune_once(model: nn.Module, example_inputs: Any, ratio: Any, spec: _Spec) -> PruneResult:
@@ -1183,7 +1196,9 @@ def _decide(model: nn.Module, example_inputs: Any, ratio: Any, spec: _Spec, anal
     floor = max(spec.min_keep, multiple or 1)
     if spec.method not in ("gcp", "slim"):
         decider = _Decider(units, floor, multiple)
-        batches = _calibration_batches(spec.calib_data, example_inputs)
+        lcp = spec.method == "lcp"  # LCP reads the targets too
+        batches = spec.calib_data if lcp else _calibration_batches(spec.calib_data, example_inputs)
+        extra: dict[str, Any] = {}
         masks = _decide_by_rank(
             model,
             spec.method,
@@ -1194,8 +1209,9 @@ def _decide(model: nn.Module, example_inputs: Any, ratio: Any, spec: _Spec, anal
             spec.seed,
             decider,
             analysis.measure,
+            extra,
         )
-        return _Decision(masks)
+        return _Decision(masks, extra=extra)
     scores = gamma_scores(analysis.traced.graph, analysis.norms)
     secondary = _bn_free_scores(units) if spec.bn_free == "l1" else None
     decider = _Decider(units, floor, multiple, scores, secondary)
@@ -1241,7 +1257,7 @@ def _report(
     """The JSON-ready report of the pass (:func:`gcp.core.report.build_report`)."""
     measure, masks = analysis.measure, decision.masks
     cut = measure.fraction(masks, "latency") if analysis.table is not None else None
-    return build_report(
+    report = build_report(
         model,
         method=spec.method,
         requested=ratio,
@@ -1255,6 +1271,8 @@ def _report(
         round_to=analysis.rounding.report(),
         latency=_latency_report(analysis.table, cut) if analysis.table is not None else None,
     )
+    report.update(decision.extra)  # method-specific entries (lcp: seconds per layer)
+    return report
 
 
 def channel_costs(
