@@ -4,8 +4,9 @@ From ``gcp/assets/digits_teacher.pt`` (reduced YOLOv4, 0.616 test mAP@0.5) on Di
 test at 256 px, the teacher's own data):
 
 1. stage 1, dynamic sparse training (``gcp.DynamicSparsity``, layer_relative mechanism) → ``sparse``;
-2. stage 2, pruning at ``--macs`` of the MACs for every method: gcp (group thresholds, §4.2), Network Slimming
-   and ThiNet on the sparse model; torch-pruning's own recipes: its ``GroupNormPruner`` after the same number of
+2. stage 2, pruning at ``--macs`` of the MACs for every method: gcp (group thresholds, §4.2), Network Slimming,
+   ThiNet and LCP (localization-aware channel pruning, ``gcp.core.lcp``: ThiNet's calibration images with their
+   boxes) on the sparse model; torch-pruning's own recipes: its ``GroupNormPruner`` after the same number of
    epochs of its ``regularize()`` sparse learning, and its ``MagnitudePruner`` (L2) on the dense model trained
    for those epochs;
 3. stage 3, recovery: gcp with group spatial attention distillation (GSA, §4.3) and every method with plain
@@ -25,6 +26,7 @@ row's own. A run adds no measurement to rows made at another commit or on anothe
 new checkout, a probe on another CPU) unless ``--allow-mixed``; the report then lists which rows came from where.
 
     python benchmarks/bench_method.py                # everything: 134 min on 2 AVX-512 cores, ~215 on AVX2 ones
+                                                     # (measured before the LCP rows: add its ranking and FT)
     python benchmarks/bench_method.py --stages sparse prune    # a part
 """
 
@@ -68,11 +70,15 @@ BATCH = 32
 ROOT = ".data/digit_scenes"  # the teacher's data: 3,000 / 500 / 500, seed 0 (benchmarks/train_reference.py)
 JSON_OUT = Path(__file__).parent / "results" / "method_cpu.json"
 FIGURE = Path(__file__).parent / "figures" / "method_cpu_gammas.png"
-METHODS = ("gcp", "slim", "thinet", "tp_groupnorm", "tp_magnitude")
+METHODS = ("gcp", "slim", "thinet", "lcp", "tp_groupnorm", "tp_magnitude")
+#: The methods that prune the stage-1 model (``sparse``); torch-pruning's start from their own training.
+FROM_SPARSE = ("gcp", "slim", "thinet", "lcp")
+#: The methods that rank channels on the calibration images (``calibration``); LCP reads their boxes too.
+WITH_TARGETS = ("lcp",)
 #: Which models start from each model file (``Bench.wanted``); recovered rows start from ``pruned_<method>``,
 #: Table 9's pruned rows from the stage-1 model of their schedule.
 FEEDS: dict[str, tuple[str, ...]] = {
-    "sparse": ("pruned_gcp", "pruned_slim", "pruned_thinet", "table9_sparse_pruned"),
+    "sparse": (*(f"pruned_{m}" for m in FROM_SPARSE), "table9_sparse_pruned"),
     "sparse_constant": ("table9_sparse_constant_pruned",),
     "dense_e1": ("dense_same_epochs", "pruned_tp_magnitude"),
     "tp_sparse": ("pruned_tp_groupnorm",),
@@ -499,9 +505,18 @@ def tp_sparse_stage(bench: Bench) -> None:
     keep(bench, "tp_sparse", model, minutes)
 
 
-def calibration(bench: Bench) -> list[torch.Tensor]:
+def calibration(bench: Bench, *, with_targets: bool = False) -> list[Any]:
+    """The first 32 un-augmented training images in batches of 8: ThiNet's reconstruction data and the
+    activations whose means the pruning folds; with ``with_targets`` each batch is ``(images, targets)``, the
+    same images with their boxes and labels, the labelled calibration LCP needs (as ``gcp prune`` gives it:
+    ``gcp.app.pipeline.calibration_batches``)."""
     plain = VOCDataset(ROOT, "train", size=SIZE)
-    return list(torch.stack([plain[i][0] for i in range(32)]).split(8))
+    samples = [plain[i] for i in range(32)]
+    images = list(torch.stack([image for image, _target in samples]).split(8))
+    if not with_targets:
+        return images
+    targets = [target for _image, target in samples]
+    return [(batch, targets[8 * i : 8 * (i + 1)]) for i, batch in enumerate(images)]
 
 
 def prune_stage(bench: Bench) -> None:
@@ -549,7 +564,7 @@ def prune_with(bench: Bench, method: str, source: Path) -> Any:
             ratio=bench.args.macs,
             method=method,
             budget="macs",
-            calib_data=calibration(bench),
+            calib_data=calibration(bench, with_targets=method in WITH_TARGETS),
             round_to=UNROUNDED,
         )
     )
@@ -596,7 +611,7 @@ def report_stage(bench: Bench) -> None:
 
 
 def plot_stage1_gammas(bench: Bench) -> None:
-    from gcp import plots
+    from gcp.app import plots
     from grouping import partition
 
     teacher, sparse = load_model(SHIPPED_TEACHER), load_model(bench.path("sparse.pt"))

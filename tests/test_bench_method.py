@@ -87,6 +87,110 @@ def test_a_model_file_without_its_measurement_is_scored(bench_module, tmp_path):
     assert bench.wanted("dense_e1")
 
 
+# ------------------------------------------------------------------------------------------------- LCP's rows
+
+
+def test_lcp_is_pruned_from_the_stage1_model_and_fine_tuned_like_the_others(bench_module, tmp_path):
+    m = bench_module
+    assert m.source_of("pruned_lcp") == m.source_of("pruned_thinet") == "sparse"
+    assert m.source_of("lcp_ft") == "pruned_lcp"
+    assert {"pruned_lcp.pt", "lcp_ft.pt"} <= m.RUN_FILES  # --fresh clears them
+    # Every row measured but LCP's fine-tuning, and no model file left: LCP's chain alone is rebuilt.
+    measured = [k for k in _all_but_thinet_ft(m) if k != "lcp_ft"] + ["thinet_ft"]
+    bench = _bench(m, tmp_path, measured, [])
+    assert bench.wanted("lcp_ft") and bench.wanted("pruned_lcp") and bench.wanted("sparse")
+    for name in ("pruned_thinet", "dense_e1", "tp_sparse", "pruned_tp_magnitude", "gcp_gsa"):
+        assert not bench.wanted(name), name
+
+
+class _Stop(Exception):
+    pass
+
+
+def _labelled_train_split(n: int = 40) -> list:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (
+            torch.rand(3, 8, 8, generator=generator),
+            {"boxes": torch.tensor([[0.0, 0.0, float(i % 7 + 1), 4.0]]), "labels": torch.tensor([i % 3])},
+        )
+        for i in range(n)
+    ]
+
+
+def test_lcp_prunes_sparse_at_the_same_macs_on_thinets_calibration_images_with_their_boxes(
+    bench_module, tmp_path, monkeypatch
+):
+    m = bench_module
+    split = _labelled_train_split()
+    monkeypatch.setattr(m, "VOCDataset", lambda root, name, size: split if name == "train" else None)
+    loaded, calls = [], {}
+    monkeypatch.setattr(m, "load_model", lambda path: loaded.append(Path(path).name) or object())
+
+    def prune_detector(model, example, **options):
+        calls[options["method"]] = options
+        raise _Stop
+
+    monkeypatch.setattr(m.gcp, "prune_detector", prune_detector)
+    measured = [k for k in _all_but_thinet_ft(m) if k != "pruned_lcp"] + ["thinet_ft"]
+    bench = _bench(m, tmp_path, measured, ["sparse"], "--allow-mixed")  # rows without provenance
+    with pytest.raises(_Stop):
+        m.prune_stage(bench)  # gcp, slim and thinet are measured: only lcp is pruned
+    assert loaded == ["sparse.pt"] and set(calls) == {"lcp"}
+    with pytest.raises(_Stop):
+        m.prune_with(bench, "thinet", tmp_path / "sparse.pt")
+    lcp, thinet = calls["lcp"], calls["thinet"]
+    assert {k: v for k, v in lcp.items() if k not in ("method", "calib_data")} == {
+        k: v for k, v in thinet.items() if k not in ("method", "calib_data")
+    }
+    assert lcp["ratio"] == bench.args.macs and lcp["budget"] == "macs"
+    assert len(lcp["calib_data"]) == len(thinet["calib_data"]) == 4
+    for (images, targets), thinet_images in zip(lcp["calib_data"], thinet["calib_data"]):
+        assert images.equal(thinet_images) and len(targets) == len(images)
+    flat = [target for _images, targets in lcp["calib_data"] for target in targets]
+    assert all(t is split[i][1] for i, t in enumerate(flat))  # each image's own boxes and labels
+
+
+def test_lcp_ft_fine_tunes_pruned_lcp_for_the_recovery_epochs(bench_module, tmp_path, monkeypatch):
+    from torch import nn
+
+    m = bench_module
+    measured = [k for k in _all_but_thinet_ft(m) if k != "lcp_ft"] + ["thinet_ft"]
+    bench = _bench(m, tmp_path, measured, [], "--allow-mixed")  # rows without provenance
+    (tmp_path / "pruned_lcp.pt").write_bytes(b"")
+    loaded, trained = [], []
+    monkeypatch.setattr(m, "load_model", lambda path: loaded.append(Path(path).name) or nn.Identity())
+    monkeypatch.setattr(m, "save_pruned_like", lambda *args: None)
+    monkeypatch.setattr(
+        bench,
+        "train_model",
+        lambda model, key, stage, hooks: trained.append((key, stage, hooks)) or (model, 2.0),
+    )
+    monkeypatch.setattr(
+        bench, "measure", lambda model: {"map50": 0.4, "map": 0.2, "macs": 1.0, "params": 1.0}
+    )
+    m.recover_stage(bench)
+    assert loaded == ["pruned_lcp.pt"] and trained == [("lcp_ft", "recover", [])]  # as thinet_ft: plain FT
+    assert bench.results["lcp_ft"]["train_minutes"] == 2.0
+
+
+def test_lcp_rows_are_in_the_report(bench_module, tmp_path):
+    bench = _bench(bench_module, tmp_path, [], [])
+    row = {"map50": 0.5, "map": 0.25, "macs": 1.0, "params": 1.0}
+    for method, ft in (("thinet", 0.55), ("lcp", 0.56)):
+        bench.results[f"pruned_{method}"] = {**row, "params_cut": 0.3, "macs_cut": 0.4}
+        bench.results[f"{method}_ft"] = {**row, "map50": ft, "train_minutes": 1.0}
+    bench_module.write_report(bench)
+    rows = json.loads((tmp_path / "method_cpu.json").read_text())["rows"]
+    assert [(r["method"], r["recovery"]) for r in rows] == [("thinet", "ft"), ("lcp", "ft")]
+    assert set(rows[1]) == set(rows[0]) and rows[1]["map50"] == 0.56 and rows[1]["macs_cut"] == 0.4
+    text = (tmp_path / "RESULTS_section.md").read_text()
+    assert "| lcp, pruned, before recovery | 0.500 | 0.250 | 30.0% | 40.0% | — |" in text
+    assert "| **lcp + FT** | 0.560 | 0.250 | 30.0% | 40.0% | — |" in text
+
+
 # ------------------------------------------------------------------------------------------ Table 9's model
 
 
