@@ -25,9 +25,23 @@ Every measurement records the commit, machine, date and settings it was made wit
 row's own. A run adds no measurement to rows made at another commit or on another machine (a split run on a
 new checkout, a probe on another CPU) unless ``--allow-mixed``; the report then lists which rows came from where.
 
+Seeds (issue 25): each seed keeps its measurements in ``benchmarks/results/method_cpu_measurements_seed<N>.json``;
+the report stage aggregates every seed with such a file (``--seeds`` picks some) into ``method_cpu.json`` and a
+RESULTS.md section that leads with each row's mean ± standard deviation over the seeds, gcp + GSA's mean paired
+difference to every other row with its standard error, and issue 25's targets; each seed's own rows follow.
+
+Two stages run only when ``--stages`` names them (with the stages whose models they start from, on a checkout
+whose run directory has gone): ``sweep`` (seed 0: gcp + GSA, slim + FT, torch-pruning magnitude + FT at 30, 50
+and 60 % of the MACs besides ``--macs``) and ``lengths`` (gcp's pruned model recovered with GSA and with FT for 30
+steps and 1 epoch besides the recovered rows' own 3 epochs).
+
     python benchmarks/bench_method.py                # everything: 134 min on 2 AVX-512 cores, ~215 on AVX2 ones
                                                      # (measured before the LCP rows: add its ranking and FT)
+    python benchmarks/bench_method.py --seed 1       # another seed, into its own measurements file
     python benchmarks/bench_method.py --stages sparse prune    # a part
+    python benchmarks/bench_method.py --stages sparse dense prune sweep report          # issue 25's sweep
+    python benchmarks/bench_method.py --seed 1 --stages sparse prune lengths report     # its recovery lengths
+    python benchmarks/bench_method.py --stages report --seeds 0 1 2                     # the report alone
 """
 
 from __future__ import annotations
@@ -85,6 +99,64 @@ FEEDS: dict[str, tuple[str, ...]] = {
     **{f"pruned_{m}": (f"{m}_ft",) for m in METHODS},
 }
 FEEDS["pruned_gcp"] += ("gcp_gsa",)
+#: Issue 25's sweep (``sweep`` stage, seed 0): these rows pruned at each share of the MACs (the share of
+#: ``--macs`` is the main rows': not made again).
+SWEEP_ROWS = (("gcp", "gsa"), ("slim", "ft"), ("tp_magnitude", "ft"))
+SWEEP_MACS = (0.3, 0.4, 0.5, 0.6)
+SWEEP_SEED = 0
+STEPS_PER_EPOCH = -(-3000 // BATCH)  # the last, short batch included
+#: Issue 25's recovery lengths (GSA against FT on gcp's pruned model), in training steps; the ``lengths`` stage
+#: makes those the recovered rows are not (their own length: ``recovery_steps``).
+LENGTHS = {"30 steps": 30, "1 epoch": STEPS_PER_EPOCH, "3 epochs": 3 * STEPS_PER_EPOCH}
+#: Stages that run only when ``--stages`` names them, and the prefix of the keys each makes.
+OPT_IN = {"sweep": "sweep", "lengths": "length"}
+
+
+def sweep_key(method: str, macs: float, recovery: str | None = None) -> str:
+    """The pruned (``recovery`` None) or recovered model of ``method`` at ``macs`` of the MACs in the sweep."""
+    share = f"sweep{round(macs * 100)}"
+    return f"{share}_pruned_{method}" if recovery is None else f"{share}_{method}_{recovery}"
+
+
+def length_key(steps: int, recovery: str) -> str:
+    return f"length{steps}_gcp_{recovery}"
+
+
+def own_steps(settings: dict[str, Any]) -> int:
+    """The training steps of the recovered rows (``gcp_gsa``, ``gcp_ft``, ...) made with ``settings``."""
+    return settings["epochs_recover"] * min(STEPS_PER_EPOCH, settings.get("max_steps") or STEPS_PER_EPOCH)
+
+
+def sweep_shares(args: argparse.Namespace) -> list[float]:
+    """The sweep's shares of the MACs on this run's seed: all but ``--macs`` (the main rows'), on seed 0 only."""
+    if args.seed != SWEEP_SEED:
+        return []
+    return [macs for macs in SWEEP_MACS if abs(macs - args.macs) > 1e-9]
+
+
+def other_lengths(args: argparse.Namespace) -> list[int]:
+    """Issue 25's recovery lengths the recovered rows do not measure already."""
+    return [steps for steps in LENGTHS.values() if steps != own_steps(vars(args))]
+
+
+def opt_in_keys(args: argparse.Namespace) -> set[str]:
+    """The models the opt-in stages (``OPT_IN``) make with this run's settings."""
+    sweep = {
+        key
+        for macs in sweep_shares(args)
+        for method, recovery in SWEEP_ROWS
+        for key in (sweep_key(method, macs), sweep_key(method, macs, recovery))
+    }
+    return sweep | {
+        length_key(steps, recovery) for steps in other_lengths(args) for recovery in ("gsa", "ft")
+    }
+
+
+for _method, _recovery in SWEEP_ROWS:
+    for _macs in SWEEP_MACS:
+        FEEDS["sparse" if _method in FROM_SPARSE else "dense_e1"] += (sweep_key(_method, _macs),)
+        FEEDS[sweep_key(_method, _macs)] = (sweep_key(_method, _macs, _recovery),)
+FEEDS["pruned_gcp"] += tuple(length_key(n, r) for n in LENGTHS.values() for r in ("gsa", "ft"))
 #: What a run directory may hold: every file bench_method writes there (``written_here``; ``--fresh`` deletes
 #: nothing else).
 RUN_FILES = frozenset(
@@ -102,7 +174,7 @@ RUN_FILES = frozenset(
     }
 )
 #: Options that say what to run and where, not how to measure: not part of the settings a row is made with.
-RUN_OPTIONS = ("stages", "out", "fresh", "allow_mixed")
+RUN_OPTIONS = ("stages", "out", "fresh", "allow_mixed", "seeds")
 #: Entries of the measurements file that are not measurements.
 NOT_ROWS = ("settings", "wall_minutes", "rebuilt")
 #: Every training stage: AdamW as the teacher was trained, fp32 (bf16 autocast is 6x slower on this AVX2 CPU),
@@ -129,8 +201,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the seeds the report aggregates (default: every seed with a measurements file)",
+    )
     parser.add_argument("--out", default=None, help="run directory (default runs/method_cpu/seed<seed>)")
-    parser.add_argument("--stages", nargs="*", default=None, help=f"subset of {list(STAGES)}")
+    parser.add_argument(
+        "--stages",
+        nargs="*",
+        default=None,
+        help=f"subset of {list(STAGES)} (default: all but {list(OPT_IN)})",
+    )
     parser.add_argument("--epochs-sparse", type=int, default=2, help="stage 1 epochs (3,000 images each)")
     parser.add_argument(
         "--epochs-recover",
@@ -142,6 +226,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lr-recover", type=float, default=5e-4, help="AdamW lr of stage 3 (and its control)"
     )
+    add_stage1_options(parser)
+    parser.add_argument("--tp-reg", type=float, default=5e-4, help="GroupNormPruner.regularize strength")
+    parser.add_argument("--macs", type=float, default=0.4, help="share of MACs every method removes")
+    parser.add_argument(
+        "--layout",
+        choices=("channels_last", "contiguous"),
+        default="channels_last",
+        help="memory order of the image batches (channels_last is faster on CPU: benchmarks/bench_layout.py)",
+    )
+    parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    parser.add_argument("--eval-images", type=int, default=None, help="score on the first N test images")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: delete the run directory's fits and models and the measurements first",
+    )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="add measurements to rows made at another commit or on another machine (the report says which)",
+    )
+    return parser.parse_args(argv)
+
+
+def add_stage1_options(parser: argparse.ArgumentParser) -> None:
+    """Stage 1's ``gcp.DynamicSparsity`` options."""
     parser.add_argument(
         "--mechanism",
         choices=("layer_relative", "selective"),
@@ -174,27 +284,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="share of s every channel gets (layer_relative; the recorded seed-0 run predates it: 0)",
     )
-    parser.add_argument("--tp-reg", type=float, default=5e-4, help="GroupNormPruner.regularize strength")
-    parser.add_argument("--macs", type=float, default=0.4, help="share of MACs every method removes")
-    parser.add_argument(
-        "--layout",
-        choices=("channels_last", "contiguous"),
-        default="channels_last",
-        help="memory order of the image batches (channels_last is faster on CPU: benchmarks/bench_layout.py)",
-    )
-    parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
-    parser.add_argument("--eval-images", type=int, default=None, help="score on the first N test images")
-    parser.add_argument(
-        "--fresh",
-        action="store_true",
-        help="start over: delete the run directory's fits and models and the measurements first",
-    )
-    parser.add_argument(
-        "--allow-mixed",
-        action="store_true",
-        help="add measurements to rows made at another commit or on another machine (the report says which)",
-    )
-    return parser.parse_args(argv)
 
 
 class Bench:
@@ -312,7 +401,13 @@ class Bench:
         needs)."""
         if not self.done(name):
             return True  # a model file without its measurement is scored (a finished fit resumes at once)
-        return not self.path(f"{name}.pt").is_file() and any(self.wanted(k) for k in FEEDS.get(name, ()))
+        later = [key for key in FEEDS.get(name, ()) if self.makes(key)]
+        return not self.path(f"{name}.pt").is_file() and any(self.wanted(k) for k in later)
+
+    def makes(self, key: str) -> bool:
+        """Whether this run may make ``key``: the opt-in stages' models only when ``--stages`` names them."""
+        stage = next((stage for stage, prefix in OPT_IN.items() if key.startswith(prefix)), None)
+        return stage is None or (stage in (self.args.stages or ()) and key in opt_in_keys(self.args))
 
     def rebuilt(self, key: str, model: nn.Module, minutes: float) -> None:
         """Record a model rebuilt after its measurement was made (see ``wanted``) apart from the measurement:
@@ -365,14 +460,22 @@ class Bench:
         return self.results[key]
 
     def train_model(
-        self, model: nn.Module, name: str, stage: str, hooks: list | None = None
+        self,
+        model: nn.Module,
+        name: str,
+        stage: str,
+        hooks: list | None = None,
+        *,
+        epochs: int | None = None,
+        max_steps: int | None = None,
     ) -> tuple[nn.Module, float]:
         """``fit`` with ``stage``'s ("sparse" or "recover") epochs and lr into ``out/fits/name`` (resuming its
         last epoch); returns the model and its training minutes: the sum of its epochs' times from the fit's
         history, so epochs trained by an earlier, interrupted run of this script count too (and only once).
-        Whether the rows it leads to may be recorded (``refuse_mixing``) is asked before, not after, the training."""
+        Whether the rows it leads to may be recorded (``refuse_mixing``) is asked before, not after, the training.
+        ``epochs`` and ``max_steps`` (per epoch) replace the stage's own (the ``lengths`` stage)."""
         self.refuse_mixing()
-        epochs = self.args.epochs_sparse if stage == "sparse" else self.args.epochs_recover
+        epochs = epochs or (self.args.epochs_sparse if stage == "sparse" else self.args.epochs_recover)
         lr = self.args.lr_sparse if stage == "sparse" else self.args.lr_recover
         out_dir = self.out / "fits" / name
         resume = (out_dir / "last.pt").is_file()
@@ -390,7 +493,7 @@ class Bench:
             resume=resume,
             seed=self.args.seed,
             progress=False,
-            max_steps_per_epoch=self.args.max_steps,
+            max_steps_per_epoch=max_steps or self.args.max_steps,
             channels_last=self.channels_last,
             **TRAINING,
         )
@@ -522,29 +625,33 @@ def calibration(bench: Bench, *, with_targets: bool = False) -> list[Any]:
 def prune_stage(bench: Bench) -> None:
     """Every method at the same MACs; gcp and slim also scored before any recovery (Table 10)."""
     for method in METHODS:
-        key = f"pruned_{method}"
-        if not bench.wanted(key):
-            continue
-        path = bench.path(f"{key}.pt")
-        source = f"{source_of(key)}.pt"
-        if not bench.path(source).is_file():
-            print(f"prune {method}: {source} is not there yet (run its stage first); skipped", flush=True)
-            continue
-        if not path.is_file():
-            prune_with(bench, method, bench.path(source)).save(path)
-        if bench.done(key):
-            bench.rebuilt(key, load_model(path), 0.0)
-            continue
-        report = read_pruned(path)[0]["report"]
-        bench.score(
-            key,
-            load_model(path),
-            {
-                "params_cut": report["params"]["pruned"],
-                "macs_cut": report["macs"]["pruned"],
-                "groups": {g["name"]: round(g["ratio"], 4) for g in report.get("groups", [])},
-            },
-        )
+        prune(bench, f"pruned_{method}", method, bench.args.macs)
+
+
+def prune(bench: Bench, key: str, method: str, macs: float) -> None:
+    """Prune ``method``'s start (``source_of``) at ``macs`` of the MACs into ``key`` and score it, when wanted."""
+    if not bench.wanted(key):
+        return
+    path = bench.path(f"{key}.pt")
+    source = f"{source_of(key)}.pt"
+    if not bench.path(source).is_file():
+        print(f"prune {key}: {source} is not there yet (run its stage first); skipped", flush=True)
+        return
+    if not path.is_file():
+        prune_with(bench, method, bench.path(source), macs).save(path)
+    if bench.done(key):
+        bench.rebuilt(key, load_model(path), 0.0)
+        return
+    report = read_pruned(path)[0]["report"]
+    bench.score(
+        key,
+        load_model(path),
+        {
+            "params_cut": report["params"]["pruned"],
+            "macs_cut": report["macs"]["pruned"],
+            "groups": {g["name"]: round(g["ratio"], 4) for g in report.get("groups", [])},
+        },
+    )
 
 
 def source_of(key: str) -> str:
@@ -552,16 +659,18 @@ def source_of(key: str) -> str:
     return next(name for name, later in FEEDS.items() if key in later)
 
 
-def prune_with(bench: Bench, method: str, source: Path) -> Any:
-    """``method`` at ``--macs`` of the MACs: torch-pruning's own pruners, or ours through ``prune_detector``."""
+def prune_with(bench: Bench, method: str, source: Path, macs: float | None = None) -> Any:
+    """``method`` at ``macs`` (default ``--macs``) of the MACs: torch-pruning's own pruners, or ours through
+    ``prune_detector``."""
+    macs = bench.args.macs if macs is None else macs
     if method.startswith("tp_"):
-        return tp_prune(load_model(source), bench.example, method, bench.args.macs, bench.args.tp_reg)
+        return tp_prune(load_model(source), bench.example, method, macs, bench.args.tp_reg)
     model = load_model(source)
     return quiet(
         lambda: gcp.prune_detector(
             model,
             bench.example,
-            ratio=bench.args.macs,
+            ratio=macs,
             method=method,
             budget="macs",
             calib_data=calibration(bench, with_targets=method in WITH_TARGETS),
@@ -574,31 +683,54 @@ def recover_stage(bench: Bench) -> None:
     """Stage 3: gcp with GSA and every method with fine-tuning, for the same epochs. GSA's teacher is the original
     network (the shipped teacher), as in the paper (§5.4) and ``gcp distill``: the sparse-trained model it was cut
     from scores lower than the teacher here, and a student learns less from a weaker teacher."""
-    runs = [("gcp", "gsa")] + [(m, "ft") for m in METHODS]
-    for method, recovery in runs:
-        key = f"{method}_{recovery}"
-        if not bench.wanted(key):
-            continue
-        pruned = bench.path(f"pruned_{method}.pt")
-        if not pruned.is_file():
-            print(
-                f"recover {key}: {pruned.name} is not there yet (run the prune stage first); skipped",
-                flush=True,
-            )
-            continue
-        student = load_model(pruned).train()
-        hooks: list[Any] = []
-        if recovery == "gsa":
-            hooks = [GroupAttentionDistiller(load_model(SHIPPED_TEACHER), student, bench.example)]
-        try:
-            student, minutes = bench.train_model(student, key, "recover", hooks)
-        finally:
-            for hook in hooks:
-                hook.close()
-        if recovery == "gsa":
-            atomic_write_json(bench.path(f"{key}_terms.json"), {"history": hooks[0].log.history})
-        save_pruned_like(student, pruned, bench.path(f"{key}.pt"))
-        bench.score(key, student, {"train_minutes": minutes})
+    for method, recovery in [("gcp", "gsa")] + [(m, "ft") for m in METHODS]:
+        recover(bench, f"{method}_{recovery}", recovery)
+
+
+def recover(bench: Bench, key: str, recovery: str, **length: int) -> None:
+    """Recover ``key``'s pruned model (``source_of``) with ``recovery`` ("gsa" or "ft") for stage 3's epochs, or
+    ``length`` (``Bench.train_model``'s ``epochs`` and ``max_steps``), and score it, when wanted."""
+    if not bench.wanted(key):
+        return
+    pruned = bench.path(f"{source_of(key)}.pt")
+    if not pruned.is_file():
+        print(f"recover {key}: {pruned.name} is not there yet (run its pruning first); skipped", flush=True)
+        return
+    student = load_model(pruned).train()
+    hooks: list[Any] = []
+    if recovery == "gsa":
+        hooks = [GroupAttentionDistiller(load_model(SHIPPED_TEACHER), student, bench.example)]
+    try:
+        student, minutes = bench.train_model(student, key, "recover", hooks, **length)
+    finally:
+        for hook in hooks:
+            hook.close()
+    if recovery == "gsa":
+        atomic_write_json(bench.path(f"{key}_terms.json"), {"history": hooks[0].log.history})
+    save_pruned_like(student, pruned, bench.path(f"{key}.pt"))
+    bench.score(key, student, {"train_minutes": minutes})
+
+
+def sweep_stage(bench: Bench) -> None:
+    """Issue 25's sweep (seed 0; only when ``--stages`` names it): gcp + GSA, slim + FT and torch-pruning's
+    magnitude + FT at each share of ``SWEEP_MACS``, from the same starts as the main rows; the share of ``--macs``
+    is the main rows'."""
+    if bench.args.seed != SWEEP_SEED:
+        print(f"sweep: measured on seed {SWEEP_SEED} only; skipped", flush=True)
+    for macs in sweep_shares(bench.args):
+        for method, recovery in SWEEP_ROWS:
+            prune(bench, sweep_key(method, macs), method, macs)
+            recover(bench, sweep_key(method, macs, recovery), recovery)
+
+
+def lengths_stage(bench: Bench) -> None:
+    """Issue 25's recovery lengths (only when ``--stages`` names it): gcp's pruned model recovered with GSA and
+    with FT for each of ``LENGTHS`` but the recovered rows' own (``gcp_gsa``, ``gcp_ft``)."""
+    for steps in other_lengths(bench.args):
+        epochs, rest = divmod(steps, STEPS_PER_EPOCH)
+        length = {"epochs": epochs} if rest == 0 else {"epochs": 1, "max_steps": steps}
+        for recovery in ("gsa", "ft"):
+            recover(bench, length_key(steps, recovery), recovery, **length)
 
 
 def report_stage(bench: Bench) -> None:
@@ -634,8 +766,12 @@ STAGES: dict[str, Callable[[Bench], None]] = {
     "prune": prune_stage,
     "recover": recover_stage,
     "table9": table9_stage,
+    "sweep": sweep_stage,
+    "lengths": lengths_stage,
     "report": report_stage,
 }
+#: What a run without ``--stages`` runs: every stage but the opt-in ones (``OPT_IN``).
+DEFAULT_STAGES = [stage for stage in STAGES if stage not in OPT_IN]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -741,11 +877,397 @@ def sparse_fraction(model: nn.Module) -> float:
 
 
 def write_report(bench: Bench) -> None:
-    """``method_cpu.json`` and the RESULTS.md section from the measurements, each row with where it was made."""
-    r = bench.results
+    """``method_cpu.json`` and the RESULTS.md section from every seed's measurements (``seed_measurements``):
+    the aggregate over the seeds first, then each seed's rows with where they were made."""
+    per_seed = seed_measurements(bench)
+    payload = aggregate(per_seed)
+    body = render(payload, per_seed)
+    title = "The method at CPU scale: stage 1 → prune at equal MACs → recovery"
+    if bench.args.out:  # a probe or smoke run with its own directory leaves the recorded results alone
+        atomic_write_json(bench.path("method_cpu.json"), payload)
+        bench.path("RESULTS_section.md").write_text(f"## {title}\n\n{body}\n", encoding="utf-8")
+    else:
+        JSON_OUT.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(JSON_OUT, payload)
+        write_section(title, body)
+    print(json.dumps(payload, indent=1), flush=True)
+
+
+# ---------------------------------------------------------------------------------------- the seeds together
+
+#: A seed's measurements file (not the variants beside it, such as ``..._seed0_recover3_avx2.json``).
+SEED_FILE = re.compile(r"method_cpu_measurements_seed(\d+)\.json")
+GSA = ("gcp", "gsa")
+DENSE = ("dense", "none")
+#: The rows of the aggregate table: gcp + GSA first (every pair compares it), the dense control last.
+ROWS = (GSA, *((m, "ft") for m in METHODS), DENSE)
+
+
+def row_key(method: str, recovery: str) -> str:
+    """The measurement a row of the aggregate table reads."""
+    return "dense_same_epochs" if (method, recovery) == DENSE else f"{method}_{recovery}"
+
+
+def seed_measurements(bench: Bench) -> dict[int, dict[str, Any]]:
+    """Every seed's measurements, by seed in increasing order: the ``method_cpu_measurements_seed<N>.json`` files
+    beside this run's (``benchmarks/results``, or ``--out``) and this run's own, only ``--seeds`` when given. A
+    seed without a measured row is left out."""
+    found: dict[int, dict[str, Any]] = {}
+    for path in bench.results_path.parent.glob("method_cpu_measurements_seed*.json"):
+        match = SEED_FILE.fullmatch(path.name)
+        if match:
+            found[int(match.group(1))] = json.loads(path.read_text())
+    if measurements(bench.results):
+        found[bench.args.seed] = bench.results
+    chosen = bench.args.seeds
+    missing = [seed for seed in chosen or [] if not measurements(found.get(seed, {}))]
+    if missing:
+        print(f"report: no measurements for seeds {missing}: left out", flush=True)
+    return {
+        seed: found[seed]
+        for seed in sorted(found)
+        if measurements(found[seed]) and (chosen is None or seed in chosen)
+    }
+
+
+def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """``method_cpu.json``: every list "per seed" has one value per seed, in the order of ``seeds``, None where
+    that seed lacks the measurement; ``commit`` and ``machine`` list, per seed, those its rows were measured at
+    and on (None for rows recorded before rows carried them); ``minutes`` is each seed's wall minutes."""
+    results = list(per_seed.values())
+
+    def each(key: str, field: str = "map50") -> list[Any]:
+        return [r.get(key, {}).get(field) for r in results]
+
+    teachers = [value for value in each("teacher") if value is not None]
+    return {
+        "teacher_map50": teachers[0] if teachers else None,  # the shipped model: the same on every seed
+        "seeds": list(per_seed),
+        "rows": [
+            aggregate_row(results, method, recovery)
+            for method, recovery in ROWS
+            if any(row_key(method, recovery) in r for r in results)
+        ],
+        "sparse_map50": each("sparse"),
+        "sparse_fraction_below_1e-2": each("sparse", "sparse_fraction"),
+        "pruned_before_recovery_map50": each("pruned_gcp"),
+        "sweep": sweep_entries(per_seed),
+        "recovery_lengths": length_entries(per_seed),
+        "commit": [places(r, 0) for r in results],
+        "machine": [places(r, 1) for r in results],
+        "minutes": [sum((r.get("wall_minutes") or {}).values()) for r in results],
+    }
+
+
+def sweep_entries(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sweep on seed 0 (``sweep`` stage), each row at each share of the MACs measured, the share of
+    ``--macs`` from the main rows; empty until the sweep measured something."""
+    r = per_seed.get(SWEEP_SEED, {})
+    if not any(key.startswith(OPT_IN["sweep"]) for key in r):
+        return []
+    entries = []
+    for method, recovery in SWEEP_ROWS:
+        for macs in SWEEP_MACS:
+            main = abs(macs - r["settings"]["macs"]) < 1e-9
+            key = f"{method}_{recovery}" if main else sweep_key(method, macs, recovery)
+            pruned = f"pruned_{method}" if main else sweep_key(method, macs)
+            if key in r:
+                cut = r.get(pruned, {}).get("macs_cut")
+                entries.append(
+                    {"method": method, "recovery": recovery, "macs_cut": cut, "map50": r[key]["map50"]}
+                )
+    return entries
+
+
+def length_entries(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """gcp's pruned model recovered with GSA and with FT at each recovery length (``lengths`` stage; the
+    recovered rows at their own length), ``map50`` per seed; empty until the stage measured something."""
+    results = list(per_seed.values())
+    if not any(key.startswith(OPT_IN["lengths"]) for r in results for key in r):
+        return []
+    own, entries = recovery_steps(per_seed), []
+    for steps in sorted(set(LENGTHS.values())):
+        for recovery in ("gsa", "ft"):
+            key = f"gcp_{recovery}" if steps == own else length_key(steps, recovery)
+            values = [r.get(key, {}).get("map50") for r in results]
+            if any(value is not None for value in values):
+                entries.append({"recovery": recovery, "steps": steps, "map50": values})
+    return entries
+
+
+def aggregate_row(results: list[dict[str, Any]], method: str, recovery: str) -> dict[str, Any]:
+    """One row of the aggregate: its scores per seed and the commit each was measured at; the cuts are the mean
+    over the seeds (the dense control cuts nothing)."""
+    key, dense = row_key(method, recovery), (method, recovery) == DENSE
+
+    def cut(field: str) -> float | None:
+        return 0.0 if dense else mean_sd([r.get(f"pruned_{method}", {}).get(field) for r in results])[0]
+
+    return {
+        "method": method,
+        "recovery": recovery,
+        "params_cut": cut("params_cut"),
+        "macs_cut": cut("macs_cut"),
+        "map50": [r.get(key, {}).get("map50") for r in results],
+        "map": [r.get(key, {}).get("map") for r in results],
+        "commit": [(origin(r[key]) or (None, None))[0] if key in r else None for r in results],
+    }
+
+
+def places(results: dict[str, Any], index: int) -> list[str | None]:
+    """The commits (``index`` 0) or machines (1) a seed's rows were measured at, in the order of the file."""
+    seen: list[str | None] = []
+    for row in measurements(results).values():
+        value = (origin(row) or (None, None))[index]
+        if value not in seen:
+            seen.append(value)
+    return seen
+
+
+def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """The mean and sample standard deviation of the values that are there, and how many there are."""
+    there = [value for value in values if value is not None]
+    n = len(there)
+    if n == 0:
+        return None, None, 0
+    mean = sum(there) / n
+    sd = (sum((x - mean) ** 2 for x in there) / (n - 1)) ** 0.5 if n > 1 else None
+    return mean, sd, n
+
+
+def paired(a: Sequence[float | None], b: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """The mean of a − b over the seeds that have both, its standard error and the number of pairs."""
+    mean, sd, n = mean_sd([x - y for x, y in zip(a, b) if x is not None and y is not None])
+    return mean, None if sd is None else sd / n**0.5, n
+
+
+def device_kind(machine: str | None) -> str:
+    """ "gpu" for a machine that names a GPU, else "cpu": ``common.machine`` says "no GPU" on a CPU, and the rows
+    recorded before rows carried their machine all came from CPU runs."""
+    return "gpu" if machine and "GPU" in machine.replace("no GPU", "") else "cpu"
+
+
+def mixed_devices(payload: dict[str, Any], *series: Sequence[Any]) -> bool:
+    """Whether the seeds that measured every one of ``series`` ran some on a CPU and some on a GPU: their
+    scores are not averaged together."""
+    kinds = {
+        device_kind(machine)
+        for i, machines in enumerate(payload["machine"])
+        if all(values[i] is not None for values in series)
+        for machine in machines
+    }
+    return len(kinds) > 1
+
+
+def recovery_steps(per_seed: dict[int, dict[str, Any]]) -> int | None:
+    """The training steps of the recovered rows (``gcp_gsa``, ``gcp_ft``): one length for every seed, or None."""
+    steps = {own_steps(r["settings"]) for r in per_seed.values()}
+    return steps.pop() if len(steps) == 1 else None
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def render(payload: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> str:
+    """The RESULTS.md section: the aggregate over the seeds and issue 25's targets, then each seed's rows
+    (``render_seed``)."""
+    if not per_seed:
+        return "Not measured yet: no seed's measurements file holds a row."
+    lines = render_aggregate(payload, recovery_steps(per_seed))
+    for seed, results in per_seed.items():
+        lines += ["", f"### Seed {seed}", "", render_seed(seed_summary(results, seed), results)]
+    return "\n".join(lines)
+
+
+def render_aggregate(payload: dict[str, Any], steps: int | None) -> list[str]:
+    """The aggregate table: per row the mean ± standard deviation over the seeds that measured it (n), each
+    seed's score, and gcp + GSA minus the row on the same seeds (mean paired difference ± its standard error)."""
+    rows = {(row["method"], row["recovery"]): row for row in payload["rows"]}
+    lines = [
+        f"Seeds {', '.join(map(str, payload['seeds']))}. mAP@0.5 per row: mean ± standard deviation over the"
+        " seeds that measured it (n), each seed's (in seed order), and gcp + GSA minus the row on the same seeds:"
+        " mean paired difference ± its standard error (n pairs).",
+        "",
+        *machine_lines(payload),
+        "",
+        "| row | mAP@0.5 mean ± sd (n) | per seed | gcp + GSA − row: mean ± SE (n) | MACs cut |",
+        "|---|---|---|---|---|",
+        *(aggregate_line(payload, row, rows.get(GSA)) for row in payload["rows"]),
+        *sweep_lines(payload),
+        "",
+        "Issue 25's targets (means over the seeds; pairs on the same seed):",
+        *aggregate_verdicts(payload, steps),
+    ]
+    return lines
+
+
+def sweep_lines(payload: dict[str, Any]) -> list[str]:
+    """The sweep (seed 0): mAP@0.5 of each row at each share of the MACs it was measured at."""
+    rows: dict[str, list[str]] = {}
+    for entry in payload["sweep"]:
+        name = f"{entry['method']} + {entry['recovery'].upper()}"
+        rows.setdefault(name, []).append(f"{fmt(entry['macs_cut'], '.0%')} {fmt(entry['map50'])}")
+    if not rows:
+        return []
+    return [
+        "",
+        f"Sweep, seed {SWEEP_SEED} (MACs cut: mAP@0.5): "
+        + "; ".join(f"{k}: {', '.join(v)}" for k, v in rows.items()),
+    ]
+
+
+def machine_lines(payload: dict[str, Any]) -> list[str]:
+    """Where each seed was measured, and whether the seeds' machines differ (or mix CPUs and GPUs)."""
+    lines = ["Measured (per seed):"]
+    for seed, commits, machines in zip(payload["seeds"], payload["commit"], payload["machine"]):
+        named = [m or "machine not recorded per row" for m in machines]
+        lines.append(
+            f"- seed {seed}: {' + '.join(named)}; commit {', '.join(c or 'not recorded per row' for c in commits)}"
+        )
+    distinct = {m for machines in payload["machine"] for m in machines}
+    if len(distinct) > 1:
+        lines.append(
+            f"**The seeds were measured on {len(distinct)} different machines (or some without a record of"
+            " it): the means and differences below are over them all, not over one machine's runs.**"
+        )
+    if len({device_kind(m) for m in distinct}) > 1:
+        lines.append(
+            "**Some seeds ran on a CPU and some on a GPU: such rows are not averaged together (—).**"
+        )
+    return lines
+
+
+def aggregate_line(payload: dict[str, Any], row: dict[str, Any], gsa: dict[str, Any] | None) -> str:
+    dense = (row["method"], row["recovery"]) == DENSE
+    name = "dense control, same epochs" if dense else f"{row['method']} + {row['recovery'].upper()}"
+    mixed = "not averaged: CPU and GPU seeds"
+    mean, sd, n = mean_sd(row["map50"])
+    spread = mixed if mixed_devices(payload, row["map50"]) else f"{fmt(mean)} ± {fmt(sd)} (n = {n})"
+    if gsa is None or row is gsa:
+        difference = "—"
+    elif mixed_devices(payload, gsa["map50"], row["map50"]):
+        difference = mixed
+    else:
+        d, se, pairs = paired(gsa["map50"], row["map50"])
+        difference = f"{fmt(d, '+.3f')} ± {fmt(se)} (n = {pairs})"
+    per_seed = " / ".join(fmt(value) for value in row["map50"])
+    return f"| {name} | {spread} | {per_seed} | {difference} | {fmt(row['macs_cut'], '.1%')} |"
+
+
+def verdict(name: str, met: bool | None, detail: str = "") -> str:
+    word = "not measured" if met is None else "met" if met else "missed"
+    return f"- {name}: {word}" + (f" ({detail})" if detail else "")
+
+
+def combined(results: Sequence[bool | None]) -> bool | None:
+    """Missed if any part is, met if every part is (and there is one), else not measured."""
+    if any(result is False for result in results):
+        return False
+    return True if results and all(results) else None
+
+
+def pair_verdict(
+    payload: dict[str, Any],
+    name: str,
+    a: Sequence[float | None] | None,
+    b: Sequence[float | None] | None,
+    test: Callable[[float, float | None], bool | None],
+) -> tuple[str, bool | None]:
+    """The verdict on ``test(mean paired difference a − b, its standard error)`` over the seeds with both."""
+    if a is None or b is None:
+        return verdict(name, None), None
+    if mixed_devices(payload, a, b):
+        return verdict(name, None, "CPU and GPU seeds are not averaged together"), None
+    d, se, n = paired(a, b)
+    if n == 0:
+        return verdict(name, None), None
+    met = test(d, se)
+    detail = f"mean paired difference {d:+.3f} ± SE {fmt(se)}, n = {n}" + (", no SE" if se is None else "")
+    return verdict(name, met, detail), met
+
+
+def aggregate_verdicts(payload: dict[str, Any], steps: int | None) -> list[str]:
+    """One line per target of issue 25: met, missed or not measured (the pairs' lines below their target's)."""
+    rows = {(row["method"], row["recovery"]): row["map50"] for row in payload["rows"]}
+    gsa = rows.get(GSA)
+    dense, _ = pair_verdict(
+        payload, "gcp + GSA ≥ dense control − 0.02", gsa, rows.get(DENSE), lambda d, se: d >= -0.02
+    )
+    others = [
+        pair_verdict(
+            payload,
+            f"vs {method} + {recovery.upper()}",
+            gsa,
+            values,
+            lambda d, se: None if se is None else d >= 0.03 and d > 2 * se,
+        )
+        for (method, recovery), values in rows.items()
+        if (method, recovery) not in (GSA, DENSE)
+    ]
+    name = "gcp + GSA ≥ every other pruned row + 0.03, mean paired difference > 2 × SE"
+    return [
+        stage1_verdict(payload),
+        dense,
+        verdict(name, combined([met for _, met in others])),
+        *(f"  {line}" for line, _ in others),
+        *lengths_verdicts(payload, rows, steps),
+    ]
+
+
+def lengths_verdicts(
+    payload: dict[str, Any], rows: dict[tuple[str, str], list], steps: int | None
+) -> list[str]:
+    """GSA ≥ FT (gcp's pruned model) at each of issue 25's recovery lengths: the ``recovery_lengths``
+    measurements, and the recovered rows at their own length (``steps``)."""
+    at: dict[int, dict[str, list]] = {}
+    for entry in payload["recovery_lengths"]:
+        at.setdefault(entry["steps"], {})[entry["recovery"]] = entry["map50"]
+    if steps is not None and GSA in rows and ("gcp", "ft") in rows:
+        at.setdefault(steps, {"gsa": rows[GSA], "ft": rows[("gcp", "ft")]})
+    lines = [
+        pair_verdict(
+            payload,
+            f"at {label}" + ("" if label.endswith("steps") else f" ({length} steps)"),
+            at.get(length, {}).get("gsa"),
+            at.get(length, {}).get("ft"),
+            lambda d, se: d >= 0,
+        )
+        for label, length in LENGTHS.items()
+    ]
+    name = f"GSA ≥ FT at each recovery length ({', '.join(LENGTHS)})"
+    return [verdict(name, combined([met for _, met in lines])), *(f"  {line}" for line, _ in lines)]
+
+
+def stage1_verdict(payload: dict[str, Any]) -> str:
+    """Stage 1 makes ≥ 40 % of γ < 1e-2, loses ≤ 0.03 mAP@0.5 against the teacher, and gcp's pruning then
+    costs ≤ 0.03 before recovery: means over the seeds."""
+    name = "stage 1: ≥ 40 % of γ < 1e-2, ≤ 0.03 mAP@0.5 lost, pruning cost ≤ 0.03 before recovery"
+    sparse, pruned = payload["sparse_map50"], payload["pruned_before_recovery_map50"]
+    if mixed_devices(payload, sparse) or mixed_devices(payload, sparse, pruned):
+        return verdict(name, None, "CPU and GPU seeds are not averaged together")
+    fraction, _, n = mean_sd(payload["sparse_fraction_below_1e-2"])
+    lost = paired([payload["teacher_map50"]] * len(sparse), sparse)[0]
+    cost = paired(sparse, pruned)[0]
+    met = combined(
+        [
+            None if fraction is None else fraction >= 0.40,
+            None if lost is None else lost <= 0.03,
+            None if cost is None else cost <= 0.03,
+        ]
+    )
+    detail = f"{fmt(fraction, '.1%')} of γ < 1e-2, {fmt(lost, '.3f')} lost, pruning cost {fmt(cost, '.3f')}"
+    return verdict(name, met, f"{detail}; n = {n}" if n else "")
+
+
+# ---------------------------------------------------------------------------------------------- one seed
+
+
+def seed_summary(r: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One seed's numbers as its section shows them (issue 12's format: each value of that seed alone)."""
     teacher = r.get("teacher", {})
     rows = []
-    for method, recovery in [("gcp", "gsa")] + [(m, "ft") for m in METHODS]:
+    for method, recovery in [GSA] + [(m, "ft") for m in METHODS]:
         key = f"{method}_{recovery}"
         if key not in r:
             continue
@@ -760,8 +1282,7 @@ def write_report(bench: Bench) -> None:
                 "map": r[key]["map"],
             }
         )
-    minutes = sum(v.get("train_minutes", 0.0) for v in measurements(r).values())
-    payload = {
+    return {
         "teacher_map50": teacher.get("map50"),
         "dense_same_epochs_map50": r.get("dense_same_epochs", {}).get("map50"),
         "sparse_map50": r.get("sparse", {}).get("map50"),
@@ -773,41 +1294,22 @@ def write_report(bench: Bench) -> None:
             for k in ("sparse", "sparse_constant", "table9_sparse_pruned", "table9_sparse_constant_pruned")
         },
         "table10": {m: r.get(f"pruned_{m}", {}).get("map50") for m in ("gcp", "slim")},
-        "minutes": minutes,
+        "minutes": sum(v.get("train_minutes", 0.0) for v in measurements(r).values()),
         "wall_minutes": r.get("wall_minutes"),
-        "seed": bench.args.seed,
+        "seed": seed,
         "report_date": now(),
         "sources": sources(r),
         "settings": r["settings"],
     }
-    title = "The method at CPU scale: stage 1 → prune at equal MACs → recovery"
-    if bench.args.out:  # a probe or smoke run with its own directory leaves the recorded results alone
-        atomic_write_json(bench.path("method_cpu.json"), payload)
-        bench.path("RESULTS_section.md").write_text(f"## {title}\n\n{render(payload, r)}\n", encoding="utf-8")
-    else:
-        JSON_OUT.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(JSON_OUT, payload)
-        write_section(title, render(payload, r))
-    print(json.dumps(payload, indent=1), flush=True)
 
 
-def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
-    """The RESULTS.md section: every row with the label of where it was measured (``sources``), never the
-    commit or machine of the run that writes the report."""
-
-    def f(value: Any, fmt: str = ".3f") -> str:
-        return "—" if value is None else format(value, fmt)
-
-    labels = {key: source["label"] for source in payload["sources"] for key in source["rows"]}
-
-    def at(key: str) -> str:
-        return labels.get(key, "—")
-
-    args = payload["settings"]
+def render_seed(payload: dict[str, Any], r: dict[str, Any]) -> str:
+    """One seed's section: every row with the label of where it was measured (``sources``), never the commit or
+    machine of the run that writes the report."""
     lines = [
         f"Command: `python benchmarks/bench_method.py --seed {payload['seed']}`; report written"
         f" {payload['report_date']}; training minutes so far {payload['minutes']:.1f}, wall minutes so far"
-        f" {wall_total(payload):.1f} ({wall_parts(payload)}). Settings: {json.dumps(args)}.",
+        f" {wall_total(payload):.1f} ({wall_parts(payload)}). Settings: {json.dumps(payload['settings'])}.",
         "",
         'Where each row was measured (column "measured"):',
         *(source_line(source, len(payload["sources"])) for source in payload["sources"]),
@@ -816,11 +1318,29 @@ def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
         " the shipped teacher (the paper's original network, §5.4). Other stage-1 settings tried with this"
         " command are in docs/notes/sparse_training.md.",
         "",
+        *seed_table(payload, r),
+        "",
+        "Targets, from the numbers above:",
+        *verdicts(payload),
+        *seed_notes(payload, r),
+    ]
+    return "\n".join(lines)
+
+
+def row_labels(payload: dict[str, Any]) -> Callable[[str], str]:
+    """The label of where the measurement ``key`` was made (``sources``), "—" for one not made."""
+    labels = {key: source["label"] for source in payload["sources"] for key in source["rows"]}
+    return lambda key: labels.get(key, "—")
+
+
+def seed_table(payload: dict[str, Any], r: dict[str, Any]) -> list[str]:
+    at = row_labels(payload)
+    lines = [
         "| model | mAP@0.5 | mAP@0.5:0.95 | params cut | MACs cut | paper (VOC) | measured |",
         "|---|---|---|---|---|---|---|",
-        f"| teacher (shipped) | {f(payload['teacher_map50'])} | {f(r.get('teacher', {}).get('map'))} | — | — | 85.5 | {at('teacher')} |",
-        f"| dense, same extra epochs | {f(payload['dense_same_epochs_map50'])} | {f(r.get('dense_same_epochs', {}).get('map'))} | — | — | — | {at('dense_same_epochs')} |",
-        f"| after stage 1 (sparse), {f(payload['sparse_fraction_below_1e-2'], '.1%')} of γ < 1e-2 | {f(payload['sparse_map50'])} | {f(r.get('sparse', {}).get('map'))} | — | — | — | {at('sparse')} |",
+        f"| teacher (shipped) | {fmt(payload['teacher_map50'])} | {fmt(r.get('teacher', {}).get('map'))} | — | — | 85.5 | {at('teacher')} |",
+        f"| dense, same extra epochs | {fmt(payload['dense_same_epochs_map50'])} | {fmt(r.get('dense_same_epochs', {}).get('map'))} | — | — | — | {at('dense_same_epochs')} |",
+        f"| after stage 1 (sparse), {fmt(payload['sparse_fraction_below_1e-2'], '.1%')} of γ < 1e-2 | {fmt(payload['sparse_map50'])} | {fmt(r.get('sparse', {}).get('map'))} | — | — | — | {at('sparse')} |",
     ]
     for key, label in (
         ("dense_e1", "dense, stage 1's epochs (tp_magnitude's start)"),
@@ -830,34 +1350,33 @@ def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
         ),
     ):
         if key in r:
-            lines.append(f"| {label} | {f(r[key]['map50'])} | {f(r[key]['map'])} | — | — | — | {at(key)} |")
+            lines.append(
+                f"| {label} | {fmt(r[key]['map50'])} | {fmt(r[key]['map'])} | — | — | — | {at(key)} |"
+            )
     for method in METHODS:
         pruned = r.get(f"pruned_{method}")
         if pruned:
             lines.append(
-                f"| {method}, pruned, before recovery | {f(pruned['map50'])} | {f(pruned['map'])} |"
-                f" {f(pruned.get('params_cut'), '.1%')} | {f(pruned.get('macs_cut'), '.1%')} | — |"
+                f"| {method}, pruned, before recovery | {fmt(pruned['map50'])} | {fmt(pruned['map'])} |"
+                f" {fmt(pruned.get('params_cut'), '.1%')} | {fmt(pruned.get('macs_cut'), '.1%')} | — |"
                 f" {at(f'pruned_{method}')} |"
             )
     for row in payload["rows"]:
-        paper = "85.0" if (row["method"], row["recovery"]) == ("gcp", "gsa") else "—"
+        paper = "85.0" if (row["method"], row["recovery"]) == GSA else "—"
         lines.append(
-            f"| **{row['method']} + {row['recovery'].upper()}** | {f(row['map50'])} | {f(row['map'])} |"
-            f" {f(row['params_cut'], '.1%')} | {f(row['macs_cut'], '.1%')} | {paper} |"
+            f"| **{row['method']} + {row['recovery'].upper()}** | {fmt(row['map50'])} | {fmt(row['map'])} |"
+            f" {fmt(row['params_cut'], '.1%')} | {fmt(row['macs_cut'], '.1%')} | {paper} |"
             f" {at(row['method'] + '_' + row['recovery'])} |"
         )
-    lines += ["", "Targets, from the numbers above:", *verdicts(payload)]
-    missing = [
-        key
-        for key in (
-            "dense_same_epochs",
-            "tp_sparse",
-            "sparse_constant",
-            *(f"{m}_ft" for m in METHODS),
-            "gcp_gsa",
-        )
-        if key not in r
-    ]
+    return lines
+
+
+def seed_notes(payload: dict[str, Any], r: dict[str, Any]) -> list[str]:
+    """What the seed has not measured yet, its rebuilt models, and Tables 9 and 10."""
+    at = row_labels(payload)
+    lines = []
+    expected = ("dense_same_epochs", "tp_sparse", "sparse_constant", *(f"{m}_ft" for m in METHODS), "gcp_gsa")
+    missing = [key for key in expected if key not in r]
     if missing:
         lines += [
             "",
@@ -876,9 +1395,9 @@ def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
             )
             + ".",
         ]
-    t9 = {key: f"{f(value)} [{at(key)}]" for key, value in payload["table9"].items()}
-    t10 = {m: f"{f(value)} [{at(f'pruned_{m}')}]" for m, value in payload["table10"].items()}
-    lines += [
+    t9 = {key: f"{fmt(value)} [{at(key)}]" for key, value in payload["table9"].items()}
+    t10 = {m: f"{fmt(value)} [{at(f'pruned_{m}')}]" for m, value in payload["table10"].items()}
+    return lines + [
         "",
         "Table 9 (schedule, equal steps; mAP@0.5 after stage 1 / after gcp pruning at the same MACs, before"
         f" recovery; [where measured]): dynamic {t9['sparse']} / {t9['table9_sparse_pruned']}; constant"
@@ -888,7 +1407,6 @@ def render(payload: dict[str, Any], r: dict[str, Any]) -> str:
         "",
         f"Stage 1's |γ| per group against the teacher's: `benchmarks/figures/{FIGURE.name}` (the report stage).",
     ]
-    return "\n".join(lines)
 
 
 def source_line(source: dict[str, Any], count: int) -> str:
@@ -1001,7 +1519,7 @@ def main() -> None:
         raise SystemExit(f"unknown stages {unknown}; choose from {list(STAGES)}")
     bench = Bench(args)
     bench.load_data()
-    run_stages(bench, args.stages or list(STAGES))
+    run_stages(bench, args.stages or DEFAULT_STAGES)
 
 
 if __name__ == "__main__":

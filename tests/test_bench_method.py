@@ -185,7 +185,7 @@ def test_lcp_rows_are_in_the_report(bench_module, tmp_path):
     bench_module.write_report(bench)
     rows = json.loads((tmp_path / "method_cpu.json").read_text())["rows"]
     assert [(r["method"], r["recovery"]) for r in rows] == [("thinet", "ft"), ("lcp", "ft")]
-    assert set(rows[1]) == set(rows[0]) and rows[1]["map50"] == 0.56 and rows[1]["macs_cut"] == 0.4
+    assert set(rows[1]) == set(rows[0]) and rows[1]["map50"] == [0.56] and rows[1]["macs_cut"] == 0.4
     text = (tmp_path / "RESULTS_section.md").read_text()
     assert "| lcp, pruned, before recovery | 0.500 | 0.250 | 30.0% | 40.0% | — |" in text
     assert "| **lcp + FT** | 0.560 | 0.250 | 30.0% | 40.0% | — |" in text
@@ -271,7 +271,8 @@ def test_recorded_rows_without_provenance_are_labelled_so(bench_module, tmp_path
     bench_module.write_report(bench)
     text = (tmp_path / "RESULTS_section.md").read_text()
     assert "- ?: provenance not recorded per row" in text and git_revision() not in text
-    table = [line for line in text.splitlines() if line.startswith("| ") and "model" not in line]
+    seed0 = text.split("### Seed 0")[1]  # the seed's own table, after the aggregate one
+    table = [line for line in seed0.splitlines() if line.startswith("| ") and "model" not in line]
     assert len(table) == 16 and all(line.endswith("| ? |") for line in table)
     # That run did not record its setup: 133.9 min of stages is not the whole command's time.
     assert "setup (data generation) not recorded" in text
@@ -352,3 +353,289 @@ def test_a_truncated_training_checkpoint_ends_the_run_in_one_line(bench_module, 
         f"bench_method: error: {fit_dir / 'last.pt'}: cannot read the training checkpoint"
     )
     assert "\n" not in message
+
+
+# ------------------------------------------------------------------------------------ seeds together (issue 25)
+
+CPU = "CPU A (AVX512), 2 cores, 8 GiB RAM, torch 2.5, no GPU"
+#: mAP@0.5 per seed (0, 1, 2) of each measurement; None: that seed lacks it (thinet_ft on seed 2).
+SEEDED = {
+    "teacher": (0.616, 0.616, 0.616),
+    "sparse": (0.60, 0.59, 0.61),
+    "pruned_gcp": (0.58, 0.57, 0.57),
+    "pruned_slim": (0.50, 0.50, 0.50),
+    "pruned_thinet": (0.40, 0.40, 0.40),
+    "gcp_gsa": (0.60, 0.62, 0.64),
+    "gcp_ft": (0.59, 0.60, 0.63),
+    "slim_ft": (0.55, 0.58, 0.58),
+    "thinet_ft": (0.50, 0.54, None),
+    "dense_same_epochs": (0.62, 0.64, 0.65),
+}
+FRACTIONS = (0.45, 0.42, 0.39)
+
+
+def _seed_file(folder: Path, seed: int, machine: str = CPU) -> None:
+    results = {
+        "settings": {"seed": seed, "epochs_recover": 3, "max_steps": None},
+        "wall_minutes": {"sparse": 10.0},
+    }
+    for key, values in SEEDED.items():
+        if values[seed] is not None:
+            row = {
+                "map50": values[seed],
+                "map": values[seed] / 2,
+                "provenance": _provenance(f"c0mmit{seed}", machine),
+            }
+            results[key] = row
+    results["sparse"]["sparse_fraction"] = FRACTIONS[seed]
+    for method in ("gcp", "slim", "thinet"):
+        results[f"pruned_{method}"].update({"params_cut": 0.3 + 0.01 * seed, "macs_cut": 0.4})
+    (folder / f"method_cpu_measurements_seed{seed}.json").write_text(json.dumps(results))
+
+
+def _seeded_report(module, folder: Path, *options: str, machines: tuple = (CPU, CPU, CPU)):
+    """Write a measurements file per seed, measured on ``machines`` (none: keep the folder's), and report."""
+    for seed, machine in enumerate(machines):
+        _seed_file(folder, seed, machine)
+    (folder / "method_cpu_measurements_seed0_recover3_avx2.json").write_text("{}")  # a variant: not a seed
+    bench = module.Bench(module.parse_args(["--out", str(folder), *options]))
+    module.write_report(bench)
+    payload = json.loads((folder / "method_cpu.json").read_text())
+    return payload, (folder / "RESULTS_section.md").read_text()
+
+
+def test_the_report_aggregates_every_seeds_measurements_file(bench_module, tmp_path):
+    payload, _ = _seeded_report(bench_module, tmp_path)
+    assert list(payload) == [
+        "teacher_map50",
+        "seeds",
+        "rows",
+        "sparse_map50",
+        "sparse_fraction_below_1e-2",
+        "pruned_before_recovery_map50",
+        "sweep",
+        "recovery_lengths",
+        "commit",
+        "machine",
+        "minutes",
+    ]
+    assert payload["seeds"] == [0, 1, 2] and payload["teacher_map50"] == 0.616
+    rows = {(row["method"], row["recovery"]): row for row in payload["rows"]}
+    assert list(rows) == [("gcp", "gsa"), ("gcp", "ft"), ("slim", "ft"), ("thinet", "ft"), ("dense", "none")]
+    for row in payload["rows"]:
+        assert set(row) == {"method", "recovery", "params_cut", "macs_cut", "map50", "map", "commit"}
+        assert len(row["map50"]) == len(row["map"]) == len(row["commit"]) == 3
+    assert rows[("gcp", "gsa")]["map50"] == [0.60, 0.62, 0.64]
+    assert rows[("gcp", "gsa")]["commit"] == ["c0mmit0", "c0mmit1", "c0mmit2"]
+    assert rows[("thinet", "ft")]["map50"] == [0.50, 0.54, None]  # seed 2 lacks it
+    assert rows[("thinet", "ft")]["commit"] == ["c0mmit0", "c0mmit1", None]
+    assert (
+        rows[("gcp", "gsa")]["params_cut"] == pytest.approx(0.31) and rows[("dense", "none")]["macs_cut"] == 0
+    )
+    assert payload["sparse_map50"] == [0.60, 0.59, 0.61] and payload["sparse_fraction_below_1e-2"] == [
+        0.45,
+        0.42,
+        0.39,
+    ]
+    assert payload["pruned_before_recovery_map50"] == [0.58, 0.57, 0.57]
+    assert payload["sweep"] == [] and payload["recovery_lengths"] == []
+    assert payload["commit"] == [["c0mmit0"], ["c0mmit1"], ["c0mmit2"]] and payload["machine"] == [[CPU]] * 3
+    assert payload["minutes"] == [10.0, 10.0, 10.0]
+
+
+def test_seeds_chooses_the_seeds(bench_module, tmp_path):
+    payload, text = _seeded_report(bench_module, tmp_path, "--seeds", "0", "2")
+    assert payload["seeds"] == [0, 2] and payload["rows"][0]["map50"] == [0.60, 0.64]
+    assert "### Seed 1" not in text and "### Seed 2" in text
+
+
+def test_mean_sd_and_paired_differences_by_hand(bench_module, tmp_path):
+    m = bench_module
+    mean, sd, n = m.mean_sd([0.60, 0.62, None, 0.64])
+    assert (mean, sd, n) == (pytest.approx(0.62), pytest.approx(0.02), 3)
+    assert m.mean_sd([0.5]) == (0.5, None, 1) and m.mean_sd([None]) == (None, None, 0)
+    d, se, n = m.paired([0.60, 0.62, 0.64], [0.55, 0.58, 0.58])  # differences 0.05, 0.04, 0.06
+    assert (d, se, n) == (pytest.approx(0.05), pytest.approx(0.01 / 3**0.5), 3)
+    d, se, n = m.paired([0.60, 0.62, 0.64], [0.50, 0.54, None])  # 0.10, 0.08: sd 0.01414, SE 0.01
+    assert (d, se, n) == (pytest.approx(0.09), pytest.approx(0.01), 2)
+    _, text = _seeded_report(m, tmp_path)
+    assert "| gcp + GSA | 0.620 ± 0.020 (n = 3) | 0.600 / 0.620 / 0.640 | — | 40.0% |" in text
+    assert (
+        "| slim + FT | 0.570 ± 0.017 (n = 3) | 0.550 / 0.580 / 0.580 | +0.050 ± 0.006 (n = 3) | 40.0% |"
+        in text
+    )
+    assert (
+        "| thinet + FT | 0.520 ± 0.028 (n = 2) | 0.500 / 0.540 / — | +0.090 ± 0.010 (n = 2) | 40.0% |" in text
+    )
+    assert (
+        "| dense control, same epochs | 0.637 ± 0.015 (n = 3) | 0.620 / 0.640 / 0.650 | -0.017 ± 0.003 (n = 3) | 0.0% |"
+        in text
+    )
+    assert text.index("| gcp + GSA | 0.620") < text.index("### Seed 0")  # the aggregate leads
+
+
+def test_issue25_verdicts(bench_module, tmp_path):
+    _, text = _seeded_report(bench_module, tmp_path)
+    expected = [
+        "- stage 1: ≥ 40 % of γ < 1e-2, ≤ 0.03 mAP@0.5 lost, pruning cost ≤ 0.03 before recovery: met"
+        " (42.0% of γ < 1e-2, 0.016 lost, pruning cost 0.027; n = 3)",
+        "- gcp + GSA ≥ dense control − 0.02: met (mean paired difference -0.017 ± SE 0.003, n = 3)",
+        "- gcp + GSA ≥ every other pruned row + 0.03, mean paired difference > 2 × SE: missed",
+        "  - vs gcp + FT: missed (mean paired difference +0.013 ± SE 0.003, n = 3)",
+        "  - vs slim + FT: met (mean paired difference +0.050 ± SE 0.006, n = 3)",
+        "  - vs thinet + FT: met (mean paired difference +0.090 ± SE 0.010, n = 2)",
+        "- GSA ≥ FT at each recovery length (30 steps, 1 epoch, 3 epochs): not measured",
+        "  - at 30 steps: not measured",
+        "  - at 1 epoch (94 steps): not measured",
+        "  - at 3 epochs (282 steps): met (mean paired difference +0.013 ± SE 0.003, n = 3)",
+    ]
+    lines = text.splitlines()
+    start = lines.index("Issue 25's targets (means over the seeds; pairs on the same seed):")
+    assert lines[start + 1 : start + 1 + len(expected)] == expected
+
+
+def test_a_pair_measured_on_one_seed_has_no_standard_error_and_is_not_decided(bench_module, tmp_path):
+    payload, text = _seeded_report(bench_module, tmp_path, "--seeds", "0")
+    assert "  - vs slim + FT: not measured (mean paired difference +0.050 ± SE —, n = 1, no SE)" in text
+    assert "| gcp + GSA | 0.600 ± — (n = 1) |" in text
+
+
+def test_seeds_from_other_machines_are_named_and_cpu_and_gpu_are_not_averaged(bench_module, tmp_path):
+    other = "CPU B (AVX2), 2 cores, 8 GiB RAM, torch 2.5, no GPU"
+    _, text = _seeded_report(bench_module, tmp_path, machines=(CPU, CPU, other))
+    assert f"- seed 2: {other}; commit c0mmit2" in text
+    assert "**The seeds were measured on 2 different machines" in text
+    assert "| gcp + GSA | 0.620 ± 0.020 (n = 3) |" in text  # CPUs: averaged, and said so
+
+    gpu = "NVIDIA H200 GPU, 16 cores, 128 GiB RAM, torch 2.5"
+    _, text = _seeded_report(bench_module, tmp_path, machines=(CPU, CPU, gpu))
+    assert "Some seeds ran on a CPU and some on a GPU" in text
+    assert "| gcp + GSA | not averaged: CPU and GPU seeds | 0.600 / 0.620 / 0.640 |" in text
+    # thinet + FT lacks seed 2 (the GPU one): its two CPU seeds are averaged, and paired
+    assert "| thinet + FT | 0.520 ± 0.028 (n = 2) | 0.500 / 0.540 / — | +0.090 ± 0.010 (n = 2) |" in text
+    assert (
+        "- gcp + GSA ≥ dense control − 0.02: not measured (CPU and GPU seeds are not averaged together)"
+        in text
+    )
+
+
+def test_the_recorded_seed0_measurements_still_render(bench_module, tmp_path):
+    import shutil
+
+    shutil.copy(RECORDED, tmp_path / RECORDED.name)
+    bench = bench_module.Bench(bench_module.parse_args(["--out", str(tmp_path), "--seed", "7"]))
+    bench_module.write_report(bench)  # seed 7 measured nothing: seed 0's file alone
+    payload = json.loads((tmp_path / "method_cpu.json").read_text())
+    assert payload["seeds"] == [0] and payload["machine"] == [[None]] and payload["commit"] == [[None]]
+    assert payload["rows"][0]["map50"] == [pytest.approx(0.6293, abs=1e-4)]
+    text = (tmp_path / "RESULTS_section.md").read_text()
+    assert "- seed 0: machine not recorded per row; commit not recorded per row" in text
+    assert "### Seed 0" in text and "| **gcp + GSA** | 0.629 |" in text
+
+
+# -------------------------------------------------------------------------- issue 25's sweep and lengths
+
+
+def test_the_opt_in_stages_models_are_wanted_only_when_their_stage_runs(bench_module, tmp_path):
+    m = bench_module
+    measured = [*_all_but_thinet_ft(m), "thinet_ft"]
+    assert "sweep" not in m.DEFAULT_STAGES and "lengths" not in m.DEFAULT_STAGES
+    plain = _bench(m, tmp_path, measured, [])
+    assert not plain.wanted("sparse") and not plain.wanted("pruned_gcp") and not plain.wanted("dense_e1")
+    sweep = _bench(m, tmp_path, measured, [], "--stages", "sparse", "dense", "sweep")
+    assert sweep.wanted("sparse") and sweep.wanted("dense_e1") and sweep.wanted("sweep30_pruned_tp_magnitude")
+    assert (
+        m.source_of("sweep60_pruned_slim") == "sparse"
+        and m.source_of("sweep60_slim_ft") == "sweep60_pruned_slim"
+    )
+    assert not sweep.makes("sweep40_gcp_gsa")  # --macs 0.4: the main rows
+    other_seed = _bench(m, tmp_path / "s1", measured, [], "--seed", "1", "--stages", "sweep")
+    assert not other_seed.wanted("sparse")  # the sweep is seed 0's
+    lengths = _bench(m, tmp_path / "l", measured, [], "--stages", "lengths")
+    assert lengths.wanted("pruned_gcp") and not lengths.wanted("dense_e1")
+    assert m.opt_in_keys(lengths.args) >= {"length30_gcp_gsa", "length94_gcp_ft"}
+    assert not lengths.makes("length282_gcp_gsa")  # 3 epochs: gcp_gsa and gcp_ft themselves
+    assert {"sweep50_pruned_gcp.pt", "sweep50_gcp_gsa.pt", "length30_gcp_ft.pt"} <= m.RUN_FILES
+
+
+def test_the_sweep_prunes_and_recovers_its_rows_at_the_other_shares(bench_module, tmp_path, monkeypatch):
+    m = bench_module
+    calls = []
+    monkeypatch.setattr(
+        m, "prune", lambda bench, key, method, macs: calls.append(("prune", key, method, macs))
+    )
+    monkeypatch.setattr(m, "recover", lambda bench, key, recovery: calls.append(("recover", key, recovery)))
+    m.sweep_stage(_bench(m, tmp_path, [], [], "--stages", "sweep"))
+    assert [c for c in calls if c[0] == "prune"] == [
+        ("prune", f"sweep{p}_pruned_{method}", method, macs)
+        for p, macs in ((30, 0.3), (50, 0.5), (60, 0.6))
+        for method in ("gcp", "slim", "tp_magnitude")
+    ]
+    assert ("recover", "sweep30_gcp_gsa", "gsa") in calls and (
+        "recover",
+        "sweep60_tp_magnitude_ft",
+        "ft",
+    ) in calls
+
+
+def test_the_lengths_stage_recovers_gcp_for_30_steps_and_one_epoch(bench_module, tmp_path, monkeypatch):
+    from torch import nn
+
+    m = bench_module
+    bench = _bench(m, tmp_path, [], ["pruned_gcp"], "--stages", "lengths")
+
+    class Distiller:
+        log = type("Log", (), {"history": []})()
+
+        def __init__(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    trained = []
+    monkeypatch.setattr(m, "GroupAttentionDistiller", Distiller)
+    monkeypatch.setattr(m, "load_model", lambda path: nn.Identity())
+    monkeypatch.setattr(m, "save_pruned_like", lambda *args: None)
+    monkeypatch.setattr(
+        bench,
+        "train_model",
+        lambda model, key, stage, hooks, **length: trained.append((key, length)) or (model, 1.0),
+    )
+    monkeypatch.setattr(
+        bench, "measure", lambda model: {"map50": 0.4, "map": 0.2, "macs": 1.0, "params": 1.0}
+    )
+    m.lengths_stage(bench)
+    assert trained == [
+        ("length30_gcp_gsa", {"epochs": 1, "max_steps": 30}),
+        ("length30_gcp_ft", {"epochs": 1, "max_steps": 30}),
+        ("length94_gcp_gsa", {"epochs": 1}),
+        ("length94_gcp_ft", {"epochs": 1}),
+    ]
+
+
+def test_the_report_gathers_the_sweep_and_the_recovery_lengths(bench_module, tmp_path):
+    for seed in range(3):
+        _seed_file(tmp_path, seed)
+        path = tmp_path / f"method_cpu_measurements_seed{seed}.json"
+        results = json.loads(path.read_text())
+        for steps, gsa, ft in ((30, 0.30, 0.32 - 0.01 * seed), (94, 0.50, 0.45)):
+            results[f"length{steps}_gcp_gsa"] = {"map50": gsa}
+            results[f"length{steps}_gcp_ft"] = {"map50": ft}
+        if seed == 0:
+            results["settings"]["macs"] = 0.4
+            results["sweep30_pruned_gcp"] = {"map50": 0.5, "macs_cut": 0.301}
+            results["sweep30_gcp_gsa"] = {"map50": 0.63}
+        path.write_text(json.dumps(results))
+    payload, text = _seeded_report(bench_module, tmp_path, machines=())
+    assert payload["sweep"] == [
+        {"method": "gcp", "recovery": "gsa", "macs_cut": 0.301, "map50": 0.63},
+        {"method": "gcp", "recovery": "gsa", "macs_cut": 0.4, "map50": 0.60},  # the main row
+        {"method": "slim", "recovery": "ft", "macs_cut": 0.4, "map50": 0.55},
+    ]
+    lengths = {(e["steps"], e["recovery"]): e["map50"] for e in payload["recovery_lengths"]}
+    assert lengths[(30, "ft")] == [0.32, 0.31, 0.30] and lengths[(282, "gsa")] == [0.60, 0.62, 0.64]
+    assert "Sweep, seed 0 (MACs cut: mAP@0.5): gcp + GSA: 30% 0.630, 40% 0.600; slim + FT: 40% 0.550" in text
+    assert "- GSA ≥ FT at each recovery length (30 steps, 1 epoch, 3 epochs): missed" in text
+    assert "  - at 30 steps: missed (mean paired difference -0.010 ± SE 0.006, n = 3)" in text
+    assert "  - at 1 epoch (94 steps): met (mean paired difference +0.050 ± SE 0.000, n = 3)" in text
