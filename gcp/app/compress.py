@@ -44,6 +44,7 @@ from gcp.app.config import (
     dump_config,
     parse_yaml,
     resolve_config_path,
+    set_key,
 )
 from gcp.app.pipeline import (
     RUN_MARKER,
@@ -71,6 +72,8 @@ from gcp.limits import PRUNE_RATIO
 TARGET_BUDGETS = ("macs", "params", "latency")
 METHOD = "gcp"
 RECORD = "compress.json"
+# Who set a config key that compress fills in, for set_key's error.
+SOURCE = "gcp compress"
 REPORT = "report.md"
 #: Optimiser steps the derived defaults aim at: stage 1 and stage 3 of benchmarks/bench_method.py took about
 #: 190 and 750 steps on 3,000 DigitScenes images (RESULTS.md, "Recovery length": 4 recovery epochs reached
@@ -196,14 +199,6 @@ def _has(raw: Mapping[str, Any], dotted: str) -> bool:
     return True
 
 
-def _put(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *sections, name = dotted.split(".")
-    node = raw
-    for part in sections:
-        node = node.setdefault(part, {})
-    node[name] = value
-
-
 def _read_config(config: str | Path | None) -> tuple[dict[str, Any], Path | None]:
     if config is None:
         return {}, None
@@ -287,10 +282,10 @@ def plan_compression(
             raise ConfigError("--data: an Ultralytics model trains on a data.yaml; pass --data data.yaml")
         if config_path is None:  # Ultralytics' own schedule (SGD, lr 0.01, its EMA): the packaged config
             raw, _ = _read_config("ultralytics")
-        _put(raw, "model.name", "ultralytics")
+        set_key(raw, "model.name", "ultralytics", SOURCE)
         classes = len(described.class_names)
     elif builder in DETECTORS:
-        _put(raw, "model.name", builder)
+        set_key(raw, "model.name", builder, SOURCE)
     if described is not None:
         section = {k: v for k, v in raw.get("data", {}).items() if k not in DATA_YAML_REPLACES}
         raw["data"] = {**section, "format": "yolo", "yaml": str(data_path)}
@@ -299,17 +294,17 @@ def plan_compression(
                 f"{model_path}: the model predicts {classes} classes but {data_path} has "
                 f"{len(described.class_names)}"
             )
-    _put(raw, "model.weights", str(model_path))
-    _put(raw, "model.num_classes", classes)
+    set_key(raw, "model.weights", str(model_path), SOURCE)
+    set_key(raw, "model.num_classes", classes, SOURCE)
     if imgsz is not None:
-        _put(raw, "data.size", imgsz)
+        set_key(raw, "data.size", imgsz, SOURCE)
     if device is not None:
-        _put(raw, "device", device)
-    _put(raw, "prune.method", METHOD)
-    _put(raw, "prune.budget", budget)
-    _put(raw, "prune.ratio", ratio)
+        set_key(raw, "device", device, SOURCE)
+    set_key(raw, "prune.method", METHOD, SOURCE)
+    set_key(raw, "prune.budget", budget, SOURCE)
+    set_key(raw, "prune.ratio", ratio, SOURCE)
     if described is not None and not _has(user, "eval.split"):
-        _put(raw, "eval.split", "test" if described.splits.get("test") else "val")
+        set_key(raw, "eval.split", "test" if described.splits.get("test") else "val", SOURCE)
 
     first = _build(raw, overrides, source)
     split = first.eval.split
@@ -350,11 +345,11 @@ def plan_compression(
             chosen |= {f"{section_name}.{key}": value for key, value in values.items()}
     for key, value in chosen.items():
         if not _has(user, key):
-            _put(raw, key, value)
+            set_key(raw, key, value, SOURCE)
     if sparse_epochs is not None:
-        _put(raw, "sparsity.epochs", sparse_epochs)
+        set_key(raw, "sparsity.epochs", sparse_epochs, SOURCE)
     if recover_epochs is not None:
-        _put(raw, "distill.epochs", recover_epochs)
+        set_key(raw, "distill.epochs", recover_epochs, SOURCE)
     final = _build(raw, overrides, source)
     inputs = {
         "model": str(model_path.resolve()),

@@ -585,15 +585,21 @@ def apply_overrides(raw: Mapping[str, Any] | None, overrides: Sequence[str]) -> 
         dotted, separator, text = override.partition("=")
         if not separator or not dotted.strip():
             raise ConfigError(f"override {override!r}: expected key=value, e.g. prune.ratio=0.4")
-        parts = dotted.strip().split(".")
-        node = result
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a section")
-            node = child
-        node[parts[-1]] = parse_yaml(text, f"override {override!r}")
+        set_key(result, dotted.strip(), parse_yaml(text, f"override {override!r}"), f"override {override!r}")
     return result
+
+
+def set_key(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set ``section.key`` (any depth) in a raw config, creating sections; ``source`` names who set it in the
+    error when a part of the path is a value, not a section."""
+    parts = dotted.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:

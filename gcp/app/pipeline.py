@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib.util
 import json
 import logging
 import math
@@ -60,7 +59,13 @@ from gcp.detection.evaluate import evaluate
 from gcp.detection.models import build, postprocess, scale_anchors
 from gcp.detection.train import FitSettings, fit
 from gcp.io import atomic_write_json, atomic_write_text
-from gcp.runtime.export import build_tensorrt_engine, compare_latency, export_onnx, require_tensorrt
+from gcp.runtime.export import (
+    build_tensorrt_engine,
+    compare_latency,
+    export_onnx,
+    require_tensorrt,
+    tensorrt_available,
+)
 from gcp.sparse.dynamic import DynamicSparsity, TooFewStepsError
 from grouping import partition
 
@@ -752,8 +757,7 @@ def latency_runtime(settings: PruneConfig) -> str | None:
         return None
     if settings.runtime != "auto":
         return settings.runtime
-    has_tensorrt = torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
-    return "tensorrt" if has_tensorrt else "onnxruntime"
+    return "tensorrt" if tensorrt_available() else "onnxruntime"
 
 
 def sweep_stage(ctx: Context) -> list[dict[str, Any]]:

@@ -113,7 +113,7 @@ def capture_outputs(model: nn.Module, names: Sequence[str], run: Callable[[], An
 def register_adapter(adapter: Adapter, *, replace: bool = False, last: bool = False) -> Adapter:
     """Add ``adapter`` to the registry, ahead of the ones already there (``find_adapter`` tries it first), or
     behind them with ``last=True`` (how :mod:`gcp.adapters` lists the built-in families, in the order tried)."""
-    registry = _registered()
+    registry = _REGISTRY
     if adapter.name in registry and not replace:
         raise ValueError(f"an adapter named {adapter.name!r} is already registered; pass replace=True")
     others = [(name, a) for name, a in registry.items() if name != adapter.name]
@@ -129,18 +129,18 @@ def register_adapter(adapter: Adapter, *, replace: bool = False, last: bool = Fa
 
 def unregister_adapter(name: str) -> None:
     """Remove the adapter registered as ``name``."""
-    if _registered().pop(name, None) is None:
+    if _REGISTRY.pop(name, None) is None:
         raise ValueError(f"no adapter named {name!r} is registered")
 
 
 def adapter_names() -> list[str]:
     """Registered adapter names, in the order ``find_adapter`` tries them."""
-    return list(_registered())
+    return list(_REGISTRY)
 
 
 def get_adapter(name: str) -> Adapter:
     """The adapter registered as ``name``."""
-    registry = _registered()
+    registry = _REGISTRY
     if name not in registry:
         raise ValueError(f"no adapter named {name!r}; registered: {list(registry)}")
     return registry[name]
@@ -148,7 +148,7 @@ def get_adapter(name: str) -> Adapter:
 
 def find_adapter(model: nn.Module) -> Adapter | None:
     """The first registered adapter that recognises ``model``, or None."""
-    return next((a for a in _registered().values() if a.matches(model)), None)
+    return next((a for a in _REGISTRY.values() if a.matches(model)), None)
 
 
 def resolve_adapter(model: nn.Module, adapter: str | Adapter | None) -> Adapter | None:
@@ -334,10 +334,6 @@ def tracing_hint(model: nn.Module, family: Adapter | None) -> str:
         "the forward returns a structure, output_transform=lambda outputs: <list of those tensors> "
         f"({known}; see gcp.adapters to register one)"
     )
-
-
-def _registered() -> dict[str, Adapter]:
-    return _REGISTRY
 
 
 # ------------------------------------------------------------------------------------------- model builders

@@ -238,6 +238,11 @@ def _tensorrt_missing() -> list[str]:
     return missing
 
 
+def tensorrt_available() -> bool:
+    """Whether TensorRT engines can be built and run here (the package and a CUDA GPU)."""
+    return not _tensorrt_missing()
+
+
 def require_tensorrt() -> None:
     """Raise one clear ``RuntimeError`` line naming what is missing for TensorRT (the package and/or a GPU)."""
     missing = _tensorrt_missing()
