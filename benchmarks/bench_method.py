@@ -61,7 +61,17 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_revision, machine, now, tp_prune, tp_pruner, write_section  # noqa: E402
+from common import (  # noqa: E402
+    device_kind,
+    git_revision,
+    machine,
+    mean_sd,
+    now,
+    paired,
+    tp_prune,
+    tp_pruner,
+    write_section,
+)
 
 import gcp  # noqa: E402
 from distill import GroupAttentionDistiller  # noqa: E402
@@ -1022,29 +1032,6 @@ def places(results: dict[str, Any], index: int) -> list[str | None]:
         if value not in seen:
             seen.append(value)
     return seen
-
-
-def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
-    """The mean and sample standard deviation of the values that are there, and how many there are."""
-    there = [value for value in values if value is not None]
-    n = len(there)
-    if n == 0:
-        return None, None, 0
-    mean = sum(there) / n
-    sd = (sum((x - mean) ** 2 for x in there) / (n - 1)) ** 0.5 if n > 1 else None
-    return mean, sd, n
-
-
-def paired(a: Sequence[float | None], b: Sequence[float | None]) -> tuple[float | None, float | None, int]:
-    """The mean of a − b over the seeds that have both, its standard error and the number of pairs."""
-    mean, sd, n = mean_sd([x - y for x, y in zip(a, b) if x is not None and y is not None])
-    return mean, None if sd is None else sd / n**0.5, n
-
-
-def device_kind(machine: str | None) -> str:
-    """ "gpu" for a machine that names a GPU, else "cpu": ``common.machine`` says "no GPU" on a CPU, and the rows
-    recorded before rows carried their machine all came from CPU runs."""
-    return "gpu" if machine and "GPU" in machine.replace("no GPU", "") else "cpu"
 
 
 def mixed_devices(payload: dict[str, Any], *series: Sequence[Any]) -> bool:

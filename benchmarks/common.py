@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine description, γ set-up and RESULTS.md sections."""
+"""Helpers shared by the benchmark scripts: machine description, γ set-up, RESULTS.md sections and the statistics
+over seeds (mean ± sd, paired differences, CPU or GPU)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime as _dt
 import os
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,3 +127,29 @@ def tp_prune(
         "groups": [],
     }
     return PruneResult(model=model, report=report, history=history, input_shape=list(example.shape))
+
+
+# ------------------------------------------------------------------------------ statistics over seeds
+
+
+def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """The mean and sample standard deviation of the values that are there, and how many there are."""
+    there = [value for value in values if value is not None]
+    n = len(there)
+    if n == 0:
+        return None, None, 0
+    mean = sum(there) / n
+    sd = (sum((x - mean) ** 2 for x in there) / (n - 1)) ** 0.5 if n > 1 else None
+    return mean, sd, n
+
+
+def paired(a: Sequence[float | None], b: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """The mean of a − b over the seeds that have both, its standard error and the number of pairs."""
+    mean, sd, n = mean_sd([x - y for x, y in zip(a, b) if x is not None and y is not None])
+    return mean, None if sd is None else sd / n**0.5, n
+
+
+def device_kind(machine: str | None) -> str:
+    """ "gpu" for a machine that names a GPU, else "cpu": :func:`machine` says "no GPU" on a CPU, and the rows
+    recorded before rows carried their machine all came from CPU runs."""
+    return "gpu" if machine and "GPU" in machine.replace("no GPU", "") else "cpu"

@@ -10,7 +10,13 @@ from distill.distiller import (
     resolve_betas,
     yolo_output_adapter,
 )
-from distill.losses import attention_terms, soft_box_loss, soft_class_loss, spatial_attention
+from distill.losses import (
+    attention_terms,
+    candidate_priors,
+    soft_box_loss,
+    soft_class_loss,
+    spatial_attention,
+)
 from distill.taps import PAPER_TAP_STRIDES, AttentionTaps, auto_tap_layers, tap_strides
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "GroupAttentionDistiller",
     "attention_terms",
     "auto_tap_layers",
+    "candidate_priors",
     "resolve_betas",
     "soft_box_loss",
     "soft_class_loss",

@@ -17,13 +17,17 @@ from torch import nn
 from distill.losses import (
     ATTENTION_DISTANCES,
     AttentionDistance,
+    ClassActivation,
+    SoftPriors,
     attention_terms,
+    candidate_priors,
     soft_box_loss,
     soft_class_loss,
 )
 from distill.taps import AttentionTaps
 from gcp.detection.loss import YoloLoss
 from gcp.detection.models.postprocess import decode, split_levels
+from gcp.vocab import CLASS_ACTIVATIONS, SOFT_PRIORS
 
 # β_1..β_5 of paper §5.4, one per group, largest feature map first (for distance="mean_squared").
 PAPER_BETAS: tuple[float, ...] = (1000.0, 1000.0, 1000.0, 10000.0, 10000.0)
@@ -110,6 +114,14 @@ class GroupAttentionDistiller:
         soft_weight: weight of L_soft (both terms); the paper uses 1, the default is measured (see betas).
         iou_threshold: teacher boxes with at least this IoU against a ground-truth box are the candidates of
             the box term (eq. 12).
+        soft_priors: the priors the class term (eq. 9) reads: ``"all"`` (default), every prior as eq. 9 is
+            written, or ``"candidates"``, eq. 12's candidates near the objects (a YOLO has no background class,
+            so its class logits away from the objects are untrained). Without targets no candidate can be
+            chosen, so with ``"candidates"`` both soft terms are zero, as the box term always is.
+        class_activation: ``"softmax"`` (default; eq. 10-11 as written) or ``"sigmoid"``, the detector's own
+            per-class sigmoids (Bernoulli KL per class), see :func:`distill.losses.soft_class_loss`. Neither
+            alternative beat the paper's form in the demo's 30-step recovery (``docs/notes/distillation.md``,
+            "GSA against fine-tuning in short recoveries"); they are there to be measured at other lengths.
         hard_loss: ``hard_loss(outputs, targets)`` returning a tensor or a dict with ``"total"``; default
             ``gcp.detection.loss.YoloLoss(student)``. Only used by the standalone call.
         output_adapter: ``adapter(outputs) -> [(class_logits (B, k, C), boxes_xyxy_pixels (B, k, 4)), ...]``
@@ -136,6 +148,8 @@ class GroupAttentionDistiller:
         temperature: float = 1.0,
         soft_weight: float = BALANCED_SOFT_WEIGHT,
         iou_threshold: float = 0.5,
+        soft_priors: SoftPriors = "all",
+        class_activation: ClassActivation = "softmax",
         hard_loss: Callable[[Any, Sequence[dict]], Any] | None = None,
         output_adapter: OutputAdapter | None = None,
         distance: AttentionDistance = "squared",
@@ -154,6 +168,10 @@ class GroupAttentionDistiller:
             raise ValueError(f"batch_reduction must be 'sum' or 'mean', got {batch_reduction!r}")
         if distance not in ATTENTION_DISTANCES:
             raise ValueError(f"distance must be one of {ATTENTION_DISTANCES}, got {distance!r}")
+        if soft_priors not in SOFT_PRIORS:
+            raise ValueError(f"soft_priors must be one of {SOFT_PRIORS}, got {soft_priors!r}")
+        if class_activation not in CLASS_ACTIVATIONS:
+            raise ValueError(f"class_activation must be one of {CLASS_ACTIVATIONS}, got {class_activation!r}")
         if measure_every < 0:
             raise ValueError(f"measure_every must be >= 0 (0: never measure gradients), got {measure_every}")
         self.teacher_adapter = output_adapter or yolo_output_adapter(teacher)
@@ -162,6 +180,8 @@ class GroupAttentionDistiller:
         self.temperature = temperature
         self.soft_weight = soft_weight
         self.iou_threshold = iou_threshold
+        self.soft_priors = soft_priors
+        self.class_activation = class_activation
         self.distance = distance
         self.resize = resize
         self.batch_reduction = batch_reduction
@@ -288,11 +308,20 @@ class GroupAttentionDistiller:
             gt_boxes = [torch.as_tensor(target["boxes"]).reshape(-1, 4) for target in targets]
         image_size = (images.shape[-2], images.shape[-1])
         for (teacher_cls, teacher_boxes), (student_cls, student_boxes) in zip(teacher_scales, student_scales):
-            soft_cls = soft_cls + soft_class_loss(teacher_cls, student_cls, self.temperature)
-            if gt_boxes is not None:
-                soft_box = soft_box + soft_box_loss(
-                    teacher_boxes, student_boxes, gt_boxes, image_size, self.iou_threshold
+            if self.soft_priors == "all":
+                soft_cls = soft_cls + soft_class_loss(
+                    teacher_cls, student_cls, self.temperature, activation=self.class_activation
                 )
+            if gt_boxes is None:
+                continue
+            if self.soft_priors == "candidates":
+                priors = candidate_priors(teacher_boxes, gt_boxes, self.iou_threshold)
+                soft_cls = soft_cls + soft_class_loss(
+                    teacher_cls, student_cls, self.temperature, priors, self.class_activation
+                )
+            soft_box = soft_box + soft_box_loss(
+                teacher_boxes, student_boxes, gt_boxes, image_size, self.iou_threshold
+            )
         return soft_cls, soft_box
 
     def close(self) -> None:

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from gcp.vocab import ATTENTION_DISTANCES
+from gcp.vocab import ATTENTION_DISTANCES, CLASS_ACTIVATIONS
 
 AttentionDistance = Literal["squared", "mean_squared", "norm"]
+SoftPriors = Literal["candidates", "all"]
+ClassActivation = Literal["sigmoid", "softmax"]
 
 
 def spatial_attention(feature_map: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -121,16 +123,35 @@ def attention_terms(
 
 
 def soft_class_loss(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    temperature: float = 1.0,
+    priors: torch.Tensor | None = None,
+    activation: ClassActivation = "softmax",
 ) -> torch.Tensor:
-    """Eq. 9-11 for one scale: sum over priors of KL(softmax(P_t / T) || softmax(P_s / T)), divided by k.
+    """Eq. 9-11 for one scale: KL(softmax(P_t / T) || softmax(P_s / T)) over the class logits of the priors.
 
-    Both inputs are (B, k, C) class logits of the k prior boxes of one scale. The sum over priors is divided
-    by k (eq. 9) and averaged over the batch. The paper applies no T^2 factor (Hinton et al. rescale by T^2 to
-    keep gradient sizes comparable across temperatures) and neither do we: at the default T = 1 this is the
-    plain KL divergence, and for T > 1 the term shrinks roughly as 1 / T^2. The softmax runs over the classes
-    only, as eq. 10-11 say, although YOLO itself scores classes with independent sigmoids; a one-class
-    detector therefore gets no class term (a softmax over one logit is constant).
+    ``activation="sigmoid"`` replaces eq. 10-11's softmax by the detector's own per-class sigmoids: the KL of
+    every class's Bernoulli pair (sigmoid(P_t / T), sigmoid(P_s / T)), summed over the classes. Why: a YOLO
+    scores each class with an independent sigmoid trained by BCE, so the level of a logit is what it predicts;
+    a softmax KL is blind to a shift of all of a prior's logits (the student's class loss rose while it
+    matched the teacher's ratios over the candidates in the demo's recovery, ``docs/notes/distillation.md``).
+
+    Both inputs are (B, k, C) class logits of the k prior boxes of one scale. Without ``priors`` this is eq. 9
+    as written: the sum over all k priors divided by k, averaged over the batch. With ``priors`` (a (B, k) bool
+    mask, e.g. :func:`candidate_priors`) it is eq. 9 over the chosen priors: their mean KL per image (0 for an
+    image with none), averaged over the batch, so the term keeps eq. 9's scale (a sum over the candidates was
+    70 times the mean on the demo, and the term then drowned the others). Why a mask: the paper follows Chen et al. (2017), whose Faster R-CNN has a
+    background class, so every prior's class distribution carries knowledge. A YOLO has none: its class logits
+    are trained only on positive priors, so at the thousands of background priors the teacher's distribution is
+    untrained. (Measured in the demo's 30-step recovery, reading only the candidates did not change the score:
+    ``docs/notes/distillation.md``.)
+
+    The paper applies no T^2 factor (Hinton et al. rescale by T^2 to keep gradient sizes comparable across
+    temperatures) and neither do we: at the default T = 1 this is the plain KL divergence, and for T > 1 the
+    term shrinks roughly as 1 / T^2. The softmax runs over the classes only, as eq. 10-11 say, although YOLO
+    itself scores classes with independent sigmoids; a one-class detector therefore gets no class term (a
+    softmax over one logit is constant).
     """
     if teacher_logits.shape != student_logits.shape or teacher_logits.dim() != 3:
         raise ValueError(
@@ -139,10 +160,56 @@ def soft_class_loss(
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # log M, eq. 10
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)  # N, eq. 11
-    kl = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=(1, 2))
-    return kl.mean() / teacher_logits.shape[1]
+    if priors is not None and tuple(priors.shape) != tuple(teacher_logits.shape[:2]):
+        raise ValueError(
+            f"priors must be a (B, k) mask matching the logits, got {tuple(priors.shape)} for logits "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    if activation not in CLASS_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {CLASS_ACTIVATIONS}, got {activation!r}")
+    teacher_scaled, student_scaled = (
+        teacher_logits.float() / temperature,
+        student_logits.float() / temperature,
+    )
+    if activation == "sigmoid":
+        kl = _bernoulli_kl(teacher_scaled, student_scaled).sum(dim=2)  # (B, k)
+    else:
+        teacher_log_probs = F.log_softmax(teacher_scaled, dim=-1)  # log M, eq. 10
+        student_log_probs = F.log_softmax(student_scaled, dim=-1)  # N, eq. 11
+        kl = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=2)  # (B, k)
+    if priors is None:
+        return kl.sum(dim=1).mean() / teacher_logits.shape[1]
+    chosen = priors.to(kl.dtype)
+    return ((kl * chosen).sum(dim=1) / chosen.sum(dim=1).clamp_min(1)).mean()
+
+
+def _bernoulli_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(Bernoulli(sigmoid(t)) || Bernoulli(sigmoid(s))) element-wise, from logits (log-sigmoids stay finite)."""
+    p = torch.sigmoid(teacher_logits)
+    log_p, log_not_p = F.logsigmoid(teacher_logits), F.logsigmoid(-teacher_logits)
+    log_q, log_not_q = F.logsigmoid(student_logits), F.logsigmoid(-student_logits)
+    return p * (log_p - log_q) + (1 - p) * (log_not_p - log_not_q)
+
+
+def candidate_priors(
+    teacher_boxes: torch.Tensor, gt_boxes: Sequence[torch.Tensor], iou_threshold: float = 0.5
+) -> torch.Tensor:
+    """Eq. 12's candidates, a (B, k) bool mask: the priors whose *teacher* box (decoded, xyxy pixels, (B, k, 4))
+    overlaps some ground-truth box of its image (one (N_b, 4) tensor per image) with IoU >= ``iou_threshold``."""
+    if teacher_boxes.dim() != 3 or teacher_boxes.shape[-1] != 4:
+        raise ValueError(f"teacher boxes must be (B, k, 4), got {tuple(teacher_boxes.shape)}")
+    if len(gt_boxes) != teacher_boxes.shape[0]:
+        raise ValueError(
+            f"need ground-truth boxes for each of {teacher_boxes.shape[0]} images, got {len(gt_boxes)}"
+        )
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    mask = torch.zeros(teacher_boxes.shape[:2], dtype=torch.bool, device=teacher_boxes.device)
+    for index, (teacher, gt) in enumerate(zip(teacher_boxes, gt_boxes)):
+        if gt.numel():
+            overlaps = box_iou(teacher.detach().float(), gt.to(teacher.device).float().reshape(-1, 4))
+            mask[index] = overlaps.max(dim=1).values >= iou_threshold
+    return mask
 
 
 def soft_box_loss(
@@ -153,8 +220,8 @@ def soft_box_loss(
     iou_threshold: float = 0.5,
 ) -> torch.Tensor:
     """Eq. 12 for one scale: squared L2 distance between teacher and student boxes on the candidate priors
-    whose *teacher* box has IoU >= ``iou_threshold`` with some ground-truth box; summed over the candidates,
-    averaged over the images.
+    (:func:`candidate_priors`: the *teacher* box has IoU >= ``iou_threshold`` with some ground-truth box);
+    summed over the candidates, averaged over the images.
 
     Boxes are decoded, xyxy in input pixels: ``teacher_boxes`` and ``student_boxes`` (B, k, 4), ``gt_boxes``
     one (N_b, 4) tensor per image. Decoded rather than raw outputs because the candidates are chosen by IoU,
@@ -168,20 +235,8 @@ def soft_box_loss(
             "boxes must both be (B, k, 4) with equal shapes, got "
             f"{tuple(teacher_boxes.shape)} (teacher) and {tuple(student_boxes.shape)} (student)"
         )
-    if len(gt_boxes) != teacher_boxes.shape[0]:
-        raise ValueError(
-            f"need ground-truth boxes for each of {teacher_boxes.shape[0]} images, got {len(gt_boxes)}"
-        )
-    if not 0.0 <= iou_threshold <= 1.0:
-        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    candidates = candidate_priors(teacher_boxes, gt_boxes, iou_threshold)
     height, width = image_size
     scale = teacher_boxes.new_tensor([width, height, width, height]).float()
-    total = student_boxes.new_zeros((), dtype=torch.float32)
-    for teacher, student, gt in zip(teacher_boxes, student_boxes, gt_boxes):
-        if gt.numel() == 0:
-            continue
-        overlaps = box_iou(teacher.float(), gt.to(teacher.device).float().reshape(-1, 4))
-        candidates = overlaps.max(dim=1).values >= iou_threshold
-        difference = (teacher[candidates].float() - student[candidates].float()) / scale
-        total = total + difference.pow(2).sum()
-    return total / teacher_boxes.shape[0]
+    difference = (teacher_boxes.float() - student_boxes.float()) / scale
+    return (difference.pow(2).sum(dim=2) * candidates).sum() / teacher_boxes.shape[0]

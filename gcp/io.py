@@ -4,6 +4,7 @@ a model file and a training checkpoint that cannot be read fail the same way, in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -96,3 +97,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (model files are large): how a run recognises that
+    the model or data it was made from are still the same files."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -31,6 +31,11 @@ DEFAULT_SCORE_SHARE = 0.1
 
 # Distillation (distill, paper §4.3): how far apart two attention maps are.
 ATTENTION_DISTANCES = ("squared", "mean_squared", "norm")
+# Which priors the soft class term (eq. 9) reads: eq. 12's candidates near the objects, or all (eq. 9 as written).
+SOFT_PRIORS = ("candidates", "all")
+# How the soft class term (eq. 10-11) turns class logits into probabilities: per-class sigmoids (a YOLO's own)
+# or the paper's softmax over the classes.
+CLASS_ACTIVATIONS = ("sigmoid", "softmax")
 
 # Training and evaluation (gcp.detection).
 OPTIMIZERS = ("sgd", "adamw")

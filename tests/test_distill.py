@@ -23,10 +23,12 @@ from distill import (
     GroupAttentionDistiller,
     attention_terms,
     auto_tap_layers,
+    candidate_priors,
     resolve_betas,
     soft_box_loss,
     soft_class_loss,
     spatial_attention,
+    yolo_output_adapter,
 )
 from gcp.detection.loss import YoloLoss
 from gcp.detection.models import mobilenet_yolov3, yolov3, yolov4
@@ -363,6 +365,62 @@ def test_box_term_uses_only_priors_whose_teacher_box_matches_a_ground_truth() ->
     assert soft_box_loss(teacher, student, [torch.zeros(0, 4)], (100, 100)).item() == 0.0
 
 
+def test_sigmoid_class_term_is_the_bernoulli_kl_per_class() -> None:
+    # one prior, two classes: teacher p = (1/2, 1/2), student q = (3/4, 1/2)
+    teacher, student = torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[math.log(3.0), 0.0]]])
+    by_hand = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    value = soft_class_loss(teacher, student, activation="sigmoid")
+    assert value.item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_sigmoid_class_term_sees_a_shift_of_all_logits_that_the_softmax_misses() -> None:
+    """A YOLO's sigmoid class scores move when every logit of a prior moves together; eq. 10-11's softmax
+    does not."""
+    teacher = torch.tensor([[[2.0, -1.0, 0.5]]])
+    shifted = teacher + 3.0
+    assert soft_class_loss(teacher, shifted).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_class_loss(teacher, shifted, activation="sigmoid").item() > 0.5
+    assert soft_class_loss(teacher, teacher, activation="sigmoid").item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        soft_class_loss(teacher, teacher, activation="tanh")
+
+
+def test_candidate_priors_are_the_teacher_boxes_that_match_a_ground_truth() -> None:
+    teacher = torch.tensor(
+        [
+            [[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 90.0, 90.0], [12.0, 10.0, 50.0, 52.0]],
+            [[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 10.0, 20.0], [70.0, 70.0, 80.0, 80.0]],
+        ]
+    )
+    gt = [
+        torch.tensor([[10.0, 10.0, 50.0, 50.0]]),
+        torch.tensor([[0.0, 0.0, 20.0, 20.0], [70, 70, 80, 80.0]]),
+    ]
+    # image 1, prior 1 covers half of the first box: IoU exactly 0.5, a candidate at 0.5 and not above it
+    expected = torch.tensor([[True, False, True], [True, True, True]])
+    assert torch.equal(candidate_priors(teacher, gt, 0.5), expected)
+    assert torch.equal(candidate_priors(teacher, gt, 0.6)[1], torch.tensor([True, False, True]))
+    no_objects = [torch.zeros(0, 4), torch.zeros(0, 4)]
+    assert not candidate_priors(teacher, no_objects).any()
+
+
+def test_class_term_on_chosen_priors_is_their_mean_kl_per_image() -> None:
+    teacher = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]], [[0.0, 0.0], [4.0, 0.0], [0.0, 1.0]]])
+    student = torch.zeros(2, 3, 2)
+    priors = torch.tensor([[True, False, False], [False, True, True]])
+    kl = F.kl_div(F.log_softmax(student, -1), F.softmax(teacher, -1), reduction="none").sum(-1)  # (B, k)
+    expected = (kl[0, 0] + (kl[1, 1] + kl[1, 2]) / 2) / 2
+    torch.testing.assert_close(soft_class_loss(teacher, student, 1.0, priors), expected)
+    # what the student says at a prior that is not chosen does not count, however far from the teacher
+    moved = student.clone()
+    moved[0, 1] = torch.tensor([9.0, -9.0])
+    torch.testing.assert_close(soft_class_loss(teacher, moved, 1.0, priors), expected)
+    none_chosen = torch.tensor([[True, False, False], [False, False, False]])
+    torch.testing.assert_close(soft_class_loss(teacher, student, 1.0, none_chosen), kl[0, 0] / 2)
+    with pytest.raises(ValueError, match="priors must be a"):
+        soft_class_loss(teacher, student, 1.0, priors[:, :2])
+
+
 # --- the distiller ------------------------------------------------------------------------------------------
 
 
@@ -430,13 +488,46 @@ def test_pruned_student_with_fewer_channels_distils() -> None:
     assert terms["at"].item() > 0
 
 
-def test_without_targets_hard_and_box_terms_are_zero() -> None:
+def test_without_targets_hard_and_box_terms_are_zero_and_so_is_a_class_term_on_candidates() -> None:
     teacher, student = toy_pair()
     with GroupAttentionDistiller(teacher, student, images()) as distiller:
         terms = distiller(images())
     assert set(terms) == {"at", "soft_cls", "soft_box", "hard", "total"}
     assert terms["hard"].item() == 0.0 and terms["soft_box"].item() == 0.0
     assert terms["at"].item() > 0 and terms["soft_cls"].item() > 0
+    # no boxes, no candidates (eq. 12) for the class term either
+    with GroupAttentionDistiller(teacher, student, images(), soft_priors="candidates") as distiller:
+        terms = distiller(images())
+    assert terms["soft_cls"].item() == 0.0
+
+
+def test_the_class_term_on_candidates_ignores_the_other_priors() -> None:
+    """Eq. 9 over eq. 12's candidates: the student's class logits at priors whose teacher box misses every
+    object do not count (a YOLO's class logits there are untrained); with soft_priors="all" they do."""
+    teacher, student = toy_pair()
+    batch, boxes = images(2), targets(2)
+    outputs = teacher.eval()(batch)  # as the distiller runs it
+    teacher_boxes = torch.cat([b for _c, b in yolo_output_adapter(teacher)(outputs)], dim=1)
+    chosen = candidate_priors(teacher_boxes, [t["boxes"] for t in boxes])
+    assert chosen.any() and not chosen.all()
+
+    def class_term(soft_priors: str, scale: float) -> float:
+        def adapter(raw):  # the student's class logits scaled at the priors that are not candidates
+            pairs, start, scaled = yolo_output_adapter(student)(raw), 0, []
+            for logits, scale_boxes in pairs:
+                keep = chosen[:, start : start + logits.shape[1], None]
+                scaled.append((torch.where(keep, logits, logits * scale), scale_boxes))
+                start += logits.shape[1]
+            return scaled
+
+        with GroupAttentionDistiller(teacher, student, batch, soft_priors=soft_priors) as distiller:
+            distiller.student_adapter = adapter
+            return distiller.loss_terms(batch, boxes, student(batch))["soft_cls"].item()
+
+    assert class_term("candidates", 1.0) == pytest.approx(class_term("candidates", 25.0), rel=1e-6)
+    assert class_term("all", 1.0) != pytest.approx(class_term("all", 25.0), rel=1e-3)
+    with pytest.raises(ValueError, match="soft_priors must be one of"):
+        GroupAttentionDistiller(teacher, student, batch, soft_priors="near")
 
 
 def test_batch_reduction_sum_scales_per_image_means_by_batch_size() -> None:

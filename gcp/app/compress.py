@@ -19,7 +19,6 @@ Ultralytics YOLOv8/YOLO11 checkpoint or model YAML, found by reading the file.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -65,7 +64,7 @@ from gcp.app.pipeline import (
 from gcp.core.serialize import ModelFileError, load_model
 from gcp.detection.data import DatasetError, read_data_yaml
 from gcp.detection.data.yolo import IMAGE_SUFFIXES
-from gcp.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gcp.io import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
 from gcp.limits import PRUNE_RATIO
 
 #: What ``--target`` can cut: ``macs=0.4`` removes 40 % of the MACs (``prune.budget``/``prune.ratio``).
@@ -175,14 +174,6 @@ def default_schedule(train_images: int, batch_size: int) -> dict[str, float]:
         "recover_epochs": epochs(RECOVER_STEPS),
         "warmup_epochs": round(min(1.0, WARMUP_STEPS / steps), 3),
     }
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _strip(error: Exception, path: Path) -> str:
@@ -353,9 +344,9 @@ def plan_compression(
     final = _build(raw, overrides, source)
     inputs = {
         "model": str(model_path.resolve()),
-        "model_sha256": _digest(model_path) if model_path.is_file() else None,
+        "model_sha256": file_sha256(model_path) if model_path.is_file() else None,
         "data": str(data_path.resolve()) if data_path else None,
-        "data_sha256": _digest(data_path) if data_path else None,
+        "data_sha256": file_sha256(data_path) if data_path else None,
         "config": str(config_path.resolve()) if config_path else None,
         "target": f"{budget}={ratio:g}",
         "sparse_epochs": sparse_epochs,
@@ -727,8 +718,8 @@ def _report(ctx: Context, plan: Plan, record: dict[str, Any], once: Callable[...
     rows = _rows(ctx)
     export_row = rows["recovered"]
     unchanged = {
-        "model": plan.model.is_file() is False or _digest(plan.model) == plan.inputs["model_sha256"],
-        "data": plan.data is None or _digest(plan.data) == plan.inputs["data_sha256"],
+        "model": plan.model.is_file() is False or file_sha256(plan.model) == plan.inputs["model_sha256"],
+        "data": plan.data is None or file_sha256(plan.data) == plan.inputs["data_sha256"],
     }
     report = read_report(run)
     report["compress"] = {

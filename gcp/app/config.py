@@ -31,6 +31,7 @@ from gcp.vocab import (
     ATTENTION_DISTANCES,
     BN_FREE,
     BUDGETS,
+    CLASS_ACTIVATIONS,
     COUPLINGS,
     DEFAULT_PUSH_FLOOR,
     DEFAULT_SCORE_SHARE,
@@ -40,6 +41,7 @@ from gcp.vocab import (
     PRUNE_METHODS,
     RUNTIMES,
     SCHEDULES,
+    SOFT_PRIORS,
     SPARSITY_MECHANISMS,
 )
 
@@ -284,6 +286,8 @@ class DistillConfig(FitConfig):
     temperature: float = option(1.0, minimum=0.0, exclusive_minimum=True)
     soft_weight: float = option(0.3, minimum=0.0)  # distill.BALANCED_SOFT_WEIGHT
     distance: str = option("squared", choices=ATTENTION_DISTANCES)
+    soft_priors: str = option("all", choices=SOFT_PRIORS)
+    class_activation: str = option("softmax", choices=CLASS_ACTIVATIONS)
     measure_every: int = option(50, minimum=0)
 
 

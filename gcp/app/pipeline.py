@@ -554,6 +554,8 @@ def distill_options(config: ExperimentConfig) -> dict[str, Any]:
         "temperature": settings.temperature,
         "soft_weight": settings.soft_weight,
         "distance": settings.distance,
+        "soft_priors": settings.soft_priors,
+        "class_activation": settings.class_activation,
         "measure_every": settings.measure_every,
     }
 

@@ -1,0 +1,59 @@
+"""benchmarks/probe_gsa.py's record: recoveries grouped per variant and length with their seeds in order, and the
+RESULTS.md text naming every gradient table's class-term priors."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_gsa.py"
+
+
+@pytest.fixture(scope="module")
+def probe_module():
+    sys.path.insert(0, str(PROBE.parent))
+    spec = importlib.util.spec_from_file_location("probe_gsa", PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(variant: str, seed: int, map50: float) -> dict:
+    place = {"commit": "abc", "machine": "cpu here", "date": "today"}
+    return {"variant": variant, "steps": 30, "seed": seed, "map50": map50, "map": 0.2, "provenance": place}
+
+
+def test_summary_groups_seeds_in_order_with_mean_and_sd(probe_module):
+    results = {
+        "setup": {"teacher": "t.pt", "start": "s.pt", "macs": 0.4, "lr": 5e-4},
+        "run/gsa/30/seed1": run("gsa", 1, 0.50),
+        "run/ft/30/seed0": run("ft", 0, 0.49),
+        "run/gsa/30/seed0": run("gsa", 0, 0.52),
+    }
+    summary = probe_module.summarise(SimpleNamespace(results=results))
+    rows = {row["variant"]: row for row in summary["runs"]}
+    assert rows["gsa"]["seeds"] == [0, 1] and rows["gsa"]["map50"] == [0.52, 0.50]
+    assert rows["gsa"]["mean"] == pytest.approx(0.51) and rows["gsa"]["sd"] == pytest.approx(0.02**0.5 / 10)
+    assert rows["ft"]["sd"] is None  # one seed: no spread to show
+    assert summary["grads"] == []
+
+
+def test_report_names_the_priors_of_each_gradient_table(probe_module):
+    grads = {
+        "rows": {"ft/hard": {"norm": 3.0, "cos_val": 0.1, "adam_gain": 10.0}},
+        "batches": 2,
+        "soft_priors": "candidates",
+        "provenance": {"commit": "abc", "machine": "cpu here", "date": "today"},
+    }
+    payload = {
+        "setup": {"teacher": "t.pt", "start": "s.pt", "macs": 0.4, "lr": 5e-4},
+        "teacher_map50": 0.6,
+        "grads": [grads],
+        "runs": [],
+    }
+    text = probe_module.render(payload)
+    assert "class term over candidates priors" in text and "| ft/hard | 3 | 0.1 | 10 |" in text
