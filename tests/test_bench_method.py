@@ -639,3 +639,19 @@ def test_the_report_gathers_the_sweep_and_the_recovery_lengths(bench_module, tmp
     assert "- GSA ≥ FT at each recovery length (30 steps, 1 epoch, 3 epochs): missed" in text
     assert "  - at 30 steps: missed (mean paired difference -0.010 ± SE 0.006, n = 3)" in text
     assert "  - at 1 epoch (94 steps): met (mean paired difference +0.050 ± SE 0.000, n = 3)" in text
+
+
+def test_measurements_made_from_another_teacher_are_refused(bench_module, tmp_path, monkeypatch):
+    """A retrained teacher asset (issue 25's converged one) must not be mixed with rows cut from the old one:
+    the teacher's hash is a setting, and the recorded files' is the old asset's."""
+    (tmp_path / "measurements.json").write_text(
+        json.dumps({"settings": {**vars(bench_module.parse_args([])), "teacher_sha256": "0" * 64}})
+    )
+    with pytest.raises(SystemExit, match="teacher_sha256"):
+        bench_module.Bench(bench_module.parse_args(["--out", str(tmp_path)]))
+    settings = {
+        **vars(bench_module.parse_args([])),
+        "teacher_sha256": bench_module.file_sha256(bench_module.SHIPPED_TEACHER),
+    }
+    (tmp_path / "measurements.json").write_text(json.dumps({"settings": settings}))
+    bench_module.Bench(bench_module.parse_args(["--out", str(tmp_path)]))  # the same teacher: accepted

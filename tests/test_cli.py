@@ -78,7 +78,7 @@ def test_help_explains_every_subcommand(capsys: pytest.CaptureFixture) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     overview = capsys.readouterr().out
-    assert "demo the whole method on DigitScenes: 9.0 min on a fresh clone" in " ".join(overview.split())
+    assert "demo the whole method on DigitScenes: 9-12 min on 2 CPU cores" in " ".join(overview.split())
     for command in COMMANDS:
         assert command in overview
         with pytest.raises(SystemExit):

@@ -277,7 +277,7 @@ def _bench_command(add: AddCommand) -> None:
 def _demo_command(add: AddCommand) -> None:
     demo = add(
         "demo",
-        "the whole method on DigitScenes: 9.0 min on a fresh clone, 2 CPU cores",
+        "the whole method on DigitScenes: 9-12 min on 2 CPU cores",
         "Start from the shipped teacher (gcp/assets/digits_teacher.pt), sparse-train it, prune it with every "
         "demo.methods entry at the same budget, recover each pruned model by fine-tuning and by GSA "
         "distillation, evaluate everything, export to ONNX, time ONNX Runtime, draw the plots and print one "
