@@ -622,7 +622,7 @@ def tp_sparse_stage(bench: Bench) -> None:
     keep(bench, "tp_sparse", model, minutes)
 
 
-def calibration(bench: Bench, *, with_targets: bool = False) -> list[Any]:
+def calibration(*, with_targets: bool = False) -> list[Any]:
     """The first 32 un-augmented training images in batches of 8: ThiNet's reconstruction data and the
     activations whose means the pruning folds; with ``with_targets`` each batch is ``(images, targets)``, the
     same images with their boxes and labels, the labelled calibration LCP needs (as ``gcp prune`` gives it:
@@ -687,7 +687,7 @@ def prune_with(bench: Bench, method: str, source: Path, macs: float | None = Non
             ratio=macs,
             method=method,
             budget="macs",
-            calib_data=calibration(bench, with_targets=method in WITH_TARGETS),
+            calib_data=calibration(with_targets=method in WITH_TARGETS),
             round_to=UNROUNDED,
         )
     )

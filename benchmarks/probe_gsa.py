@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_method import BATCH, ROOT, SIZE, TRAINING, UNROUNDED, quiet  # noqa: E402
+from bench_method import BATCH, ROOT, SIZE, TRAINING, UNROUNDED, calibration, quiet  # noqa: E402
 from common import git_revision, machine, now, write_section  # noqa: E402
 
 import gcp  # noqa: E402
@@ -103,10 +103,6 @@ class Probe:
         self.example = torch.zeros(1, 3, SIZE, SIZE)
         self.pruned = args.out / "pruned_gcp.pt"
         if not self.pruned.is_file():
-            calib = [
-                torch.stack([VOCDataset(ROOT, "train", size=SIZE)[i][0] for i in range(8 * b, 8 * b + 8)])
-                for b in range(4)
-            ]
             result = quiet(
                 lambda: gcp.prune_detector(
                     load_model(args.start),
@@ -114,7 +110,7 @@ class Probe:
                     ratio=args.macs,
                     method="gcp",
                     budget="macs",
-                    calib_data=calib,
+                    calib_data=calibration(),
                     round_to=UNROUNDED,
                 )
             )

@@ -314,13 +314,13 @@ class GroupAttentionDistiller:
                 )
             if gt_boxes is None:
                 continue
+            candidates = candidate_priors(teacher_boxes, gt_boxes, self.iou_threshold)
             if self.soft_priors == "candidates":
-                priors = candidate_priors(teacher_boxes, gt_boxes, self.iou_threshold)
                 soft_cls = soft_cls + soft_class_loss(
-                    teacher_cls, student_cls, self.temperature, priors, self.class_activation
+                    teacher_cls, student_cls, self.temperature, candidates, self.class_activation
                 )
             soft_box = soft_box + soft_box_loss(
-                teacher_boxes, student_boxes, gt_boxes, image_size, self.iou_threshold
+                teacher_boxes, student_boxes, gt_boxes, image_size, self.iou_threshold, candidates
             )
         return soft_cls, soft_box
 

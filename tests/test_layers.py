@@ -1,6 +1,7 @@
 """The package layers of docs/design.md hold: every import points down (or within its own package), there is
 no import circle, and an import inside a function is only ever the lazy import of a module that wraps an
-optional package (ultralytics), never a way around a circle."""
+optional package (ultralytics), with one named exception (``LAZY_API``: gcp/__init__ offers the application's
+``gcp.compress`` on first use, since importing it eagerly would close a circle through distill)."""
 
 import ast
 import subprocess
