@@ -39,6 +39,7 @@ steps and 1 epoch besides the recovered rows' own 3 epochs).
                                                      # (measured before the LCP rows: add its ranking and FT)
     python benchmarks/bench_method.py --seed 1       # another seed, into its own measurements file
     python benchmarks/bench_method.py --stages sparse prune    # a part
+    python benchmarks/bench_method.py --rows lcp_ft gcp_ft     # these rows first (and the models they start from)
     python benchmarks/bench_method.py --stages sparse dense prune sweep report          # issue 25's sweep
     python benchmarks/bench_method.py --seed 1 --stages sparse prune lengths report     # its recovery lengths
     python benchmarks/bench_method.py --stages report --seeds 0 1 2                     # the report alone
@@ -167,6 +168,8 @@ for _method, _recovery in SWEEP_ROWS:
         FEEDS["sparse" if _method in FROM_SPARSE else "dense_e1"] += (sweep_key(_method, _macs),)
         FEEDS[sweep_key(_method, _macs)] = (sweep_key(_method, _macs, _recovery),)
 FEEDS["pruned_gcp"] += tuple(length_key(n, r) for n in LENGTHS.values() for r in ("gsa", "ft"))
+#: Every model a run makes (besides the teacher it scores): the names ``--rows`` takes.
+MODELS = frozenset({*FEEDS, *itertools.chain(*FEEDS.values())})
 #: What a run directory may hold: every file bench_method writes there (``written_here``; ``--fresh`` deletes
 #: nothing else).
 RUN_FILES = frozenset(
@@ -176,15 +179,11 @@ RUN_FILES = frozenset(
         "method_cpu.json",
         "RESULTS_section.md",
         "gammas.png",
-        *(
-            f"{name}{suffix}"
-            for name in {*FEEDS, *itertools.chain(*FEEDS.values())}
-            for suffix in (".pt", "_history.json", "_terms.json")
-        ),
+        *(f"{name}{suffix}" for name in MODELS for suffix in (".pt", "_history.json", "_terms.json")),
     }
 )
 #: Options that say what to run and where, not how to measure: not part of the settings a row is made with.
-RUN_OPTIONS = ("stages", "out", "fresh", "allow_mixed", "seeds")
+RUN_OPTIONS = ("stages", "rows", "out", "fresh", "allow_mixed", "seeds")
 #: Entries of the measurements file that are not measurements.
 NOT_ROWS = ("settings", "wall_minutes", "rebuilt")
 #: Every training stage: AdamW as the teacher was trained, fp32 (bf16 autocast is 6x slower on this AVX2 CPU),
@@ -238,6 +237,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lr-recover", type=float, default=5e-4, help="AdamW lr of stage 3 (and its control)"
     )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help="make only these models (e.g. lcp_ft) and the ones they start from, so that a session too short"
+        " for a whole seed finishes the rows it needs first (default: every row of the stages run)",
+    )
     add_stage1_options(parser)
     parser.add_argument("--tp-reg", type=float, default=5e-4, help="GroupNormPruner.regularize strength")
     parser.add_argument("--macs", type=float, default=0.4, help="share of MACs every method removes")
@@ -259,7 +266,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="add measurements to rows made at another commit or on another machine (the report says which)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.rows or ()) - MODELS)
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {sorted(MODELS)}")
+    return args
 
 
 def add_stage1_options(parser: argparse.ArgumentParser) -> None:
@@ -328,6 +339,8 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.example = torch.zeros(1, 3, SIZE, SIZE)
         self.channels_last = args.layout == "channels_last"
+        # --rows: those models and the chain each starts from (FEEDS read backwards); None: no restriction.
+        self.chain = None if args.rows is None else {k for row in args.rows for k in lineage(row)}
 
     def load_data(self) -> None:
         """DigitScenes (generated on first use: the setup minutes) and the test split the rows are scored on."""
@@ -413,13 +426,18 @@ class Bench:
         wanted starts from it and its file is gone (the run directory is not committed: a later session on a
         fresh checkout has the measurements but not the models, and rebuilds only the chain a missing row
         needs)."""
+        if not self.makes(name):
+            return False
         if not self.done(name):
             return True  # a model file without its measurement is scored (a finished fit resumes at once)
         later = [key for key in FEEDS.get(name, ()) if self.makes(key)]
         return not self.path(f"{name}.pt").is_file() and any(self.wanted(k) for k in later)
 
     def makes(self, key: str) -> bool:
-        """Whether this run may make ``key``: the opt-in stages' models only when ``--stages`` names them."""
+        """Whether this run may make ``key``: the opt-in stages' models only when ``--stages`` names them, and
+        with ``--rows`` only the models named and those they start from."""
+        if self.chain is not None and key not in self.chain:
+            return False
         stage = next((stage for stage, prefix in OPT_IN.items() if key.startswith(prefix)), None)
         return stage is None or (stage in (self.args.stages or ()) and key in opt_in_keys(self.args))
 
@@ -671,6 +689,14 @@ def prune(bench: Bench, key: str, method: str, macs: float) -> None:
 def source_of(key: str) -> str:
     """The model ``key`` starts from (``FEEDS`` read backwards)."""
     return next(name for name, later in FEEDS.items() if key in later)
+
+
+def lineage(key: str) -> list[str]:
+    """``key`` and every model before it back to the teacher: ``["lcp_ft", "pruned_lcp", "sparse"]``."""
+    chain = [key]
+    while any(chain[-1] in later for later in FEEDS.values()):
+        chain.append(source_of(chain[-1]))
+    return chain
 
 
 def prune_with(bench: Bench, method: str, source: Path, macs: float | None = None) -> Any:

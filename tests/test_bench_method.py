@@ -82,6 +82,24 @@ def test_a_model_file_that_is_there_is_not_rebuilt(bench_module, tmp_path):
     assert bench.wanted("pruned_thinet") and bench.wanted("sparse")
 
 
+def test_rows_makes_only_the_rows_named_and_the_models_they_start_from(bench_module, tmp_path):
+    m = bench_module
+    assert m.lineage("lcp_ft") == ["lcp_ft", "pruned_lcp", "sparse"]
+    assert m.lineage("dense_same_epochs") == ["dense_same_epochs", "dense_e1"]
+    bench = _bench(m, tmp_path, [], [], "--rows", "lcp_ft", "dense_same_epochs")
+    for name in ("lcp_ft", "pruned_lcp", "sparse", "dense_e1", "dense_same_epochs"):
+        assert bench.wanted(name), name
+    for name in ("pruned_gcp", "gcp_gsa", "slim_ft", "tp_sparse", "pruned_tp_magnitude", "sparse_constant"):
+        assert not bench.wanted(name), name
+    assert "rows" not in bench.settings  # what to run now, not how a row is measured
+
+
+def test_rows_refuses_a_name_that_is_no_model(bench_module, capsys):
+    with pytest.raises(SystemExit):
+        bench_module.parse_args(["--rows", "lcp_fine_tuned"])
+    assert "unknown rows ['lcp_fine_tuned']" in capsys.readouterr().err
+
+
 def test_a_model_file_without_its_measurement_is_scored(bench_module, tmp_path):
     bench = _bench(bench_module, tmp_path, [], ["dense_e1"])
     assert bench.wanted("dense_e1")

@@ -76,47 +76,50 @@ def build_report(
     params_after = float(sum(p.numel() for p in model.parameters()))
     modules = dict(model.named_modules())
     channels_after = {n: out_channels(modules[n]) for n in channels_before if n in modules}
-    report: dict[str, Any] = {
+    return {
         "method": method,
         "budget": budget,
         "requested": dict(requested) if isinstance(requested, Mapping) else float(requested),
         "achieved": float(achieved),
-        "params": {
-            "before": params_before,
-            "after": params_after,
-            "pruned": 1 - params_after / params_before,
-        },
-        "macs": {
-            "before": macs_before,
-            "after": macs_after,
-            "pruned": 1 - macs_after / max(macs_before, 1.0),
-        },
+        "params": _before_after(params_before, params_after),
+        "macs": _before_after(macs_before, macs_after),
         "size_mb": {"before": size_mb(params_before), "after": size_mb(params_after)},
         "bn_free": dict(bn_free) if bn_free is not None else None,
         "round_to": dict(round_to) if round_to is not None else None,
         "latency": dict(latency) if latency is not None else None,
-        "groups": [],
+        "groups": [_group_entry(g, channels_before, channels_after, thresholds) for g in groups or []],
         "layers": [
             {"name": n, "before": channels_before[n], "after": channels_after.get(n, channels_before[n])}
             for n in channels_before
         ],
     }
-    for g in groups or []:
-        b = sum(channels_before.get(n, 0) for n in g.layers)
-        a = sum(channels_after.get(n, 0) for n in g.layers)
-        report["groups"].append(
-            {
-                "name": g.name,
-                "kind": g.kind,
-                "stride": g.stride,
-                "layers": list(g.layers),
-                "channels_before": b,
-                "channels_after": a,
-                "ratio": 1 - a / b if b else 0.0,
-                "threshold": float(thresholds.get(g.name, 0.0)),
-            }
-        )
-    return report
+
+
+def _before_after(before: float, after: float) -> dict[str, float]:
+    """A count before and after pruning and the share removed."""
+    return {"before": before, "after": after, "pruned": 1 - after / max(before, 1.0)}
+
+
+def _group_entry(
+    group: Group,
+    channels_before: Mapping[str, int],
+    channels_after: Mapping[str, int],
+    thresholds: Mapping[str, float],
+) -> dict[str, Any]:
+    """One group's line of the report: its channels before and after, the share removed and its |γ| threshold
+    (§4.2: one threshold per group)."""
+    before = sum(channels_before.get(n, 0) for n in group.layers)
+    after = sum(channels_after.get(n, 0) for n in group.layers)
+    return {
+        "name": group.name,
+        "kind": group.kind,
+        "stride": group.stride,
+        "layers": list(group.layers),
+        "channels_before": before,
+        "channels_after": after,
+        "ratio": 1 - after / before if before else 0.0,
+        "threshold": float(thresholds.get(group.name, 0.0)),
+    }
 
 
 def out_channels(module: nn.Module) -> int:
