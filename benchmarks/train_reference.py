@@ -198,8 +198,9 @@ this invocation {(time.perf_counter() - wall) / 60:.1f} min.
 
 Model: `yolov4(num_classes=10, width=0.25, depth=0.33)`, anchors = YOLOv4's scaled by 256/416;
 {record["params"] / 1e6:.2f} M params, {record["macs"] / 1e9:.2f} GMACs at 256×256. Data: DigitScenes 3,000 train /
-500 val / 500 test at 256 px. Training: AdamW, lr 0.001, batch {BATCH}, fp32, zoom/shift and colour jitter (no
-horizontal flip), 1 warm-up epoch then cosine to 1 %, EMA, {record["epochs"]} epochs.
+500 val / 500 test at 256 px. Training: AdamW, lr 0.001, batch {BATCH}, fp32, zoom/shift, colour jitter and
+horizontal flip (VOCDataset's default; the benchmarks' later stages train without the flip, a mirrored digit being
+no digit), 1 warm-up epoch then cosine to 1 %, EMA, {record["epochs"]} epochs.
 
 | split | mAP@0.5 | mAP@0.5:0.95 |
 |---|---|---|
