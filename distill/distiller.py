@@ -223,7 +223,10 @@ class GroupAttentionDistiller:
             teacher_outputs = self._run_teacher(images)
             batch_scale = images.shape[0] if self.batch_reduction == "sum" else 1
             at_per_tap = self._attention_loss(images.shape[0]) * batch_scale
-            soft_cls, soft_box = self._soft_losses(images, targets, teacher_outputs, outputs)
+            if self.soft_weight:
+                soft_cls, soft_box = self._soft_losses(images, targets, teacher_outputs, outputs)
+            else:  # soft_weight 0 (the demo's recovery): eq. 4 without L_soft, not L_soft computed and discarded
+                soft_cls = soft_box = _zero(images)
         finally:
             self.teacher_taps.clear()
             self.student_taps.clear()

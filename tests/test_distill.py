@@ -460,6 +460,19 @@ def test_attention_gradient_alone_reaches_the_tapped_stages() -> None:
     assert student.heads[0].weight.grad is None  # heads come after every tap
 
 
+def test_soft_weight_zero_leaves_the_soft_terms_out_instead_of_computing_them(monkeypatch) -> None:
+    teacher, student = toy_pair()
+    with GroupAttentionDistiller(teacher, student, images(), soft_weight=0.0) as distiller:
+
+        def no_soft(*args, **kwargs):
+            raise AssertionError("L_soft computed with soft_weight 0")
+
+        monkeypatch.setattr(distiller, "_soft_losses", no_soft)
+        terms = distiller(images(), targets())
+    assert terms["soft_cls"].item() == terms["soft_box"].item() == 0.0
+    assert torch.allclose(terms["total"], terms["at"] + terms["hard"])
+
+
 def test_attention_loss_decreases_under_sgd() -> None:
     teacher, student = toy_pair()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05)
