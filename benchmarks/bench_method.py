@@ -211,6 +211,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_run_options(parser)
+    add_schedule_options(parser)
+    add_stage1_options(parser)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.rows or ()) - MODELS)
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {sorted(MODELS)}")
+    return args
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """What to run and where (``RUN_OPTIONS``: not settings of the measurements, except ``--seed``)."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--seeds",
@@ -226,6 +238,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"subset of {list(STAGES)} (default: all but {list(OPT_IN)})",
     )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help="make only these models (e.g. lcp_ft) and the ones they start from, so that a session too short"
+        " for a whole seed finishes the rows it needs first (default: every row of the stages run)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: delete the run directory's fits and models and the measurements first",
+    )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="add measurements to rows made at another commit or on another machine (the report says which)",
+    )
+
+
+def add_schedule_options(parser: argparse.ArgumentParser) -> None:
+    """How every row is made and scored: the training lengths and rates, the MACs share, the data layout."""
     parser.add_argument("--epochs-sparse", type=int, default=2, help="stage 1 epochs (3,000 images each)")
     parser.add_argument(
         "--epochs-recover",
@@ -237,15 +271,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lr-recover", type=float, default=5e-4, help="AdamW lr of stage 3 (and its control)"
     )
-    parser.add_argument(
-        "--rows",
-        nargs="+",
-        default=None,
-        metavar="ROW",
-        help="make only these models (e.g. lcp_ft) and the ones they start from, so that a session too short"
-        " for a whole seed finishes the rows it needs first (default: every row of the stages run)",
-    )
-    add_stage1_options(parser)
     parser.add_argument("--tp-reg", type=float, default=5e-4, help="GroupNormPruner.regularize strength")
     parser.add_argument("--macs", type=float, default=0.4, help="share of MACs every method removes")
     parser.add_argument(
@@ -256,21 +281,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
     parser.add_argument("--eval-images", type=int, default=None, help="score on the first N test images")
-    parser.add_argument(
-        "--fresh",
-        action="store_true",
-        help="start over: delete the run directory's fits and models and the measurements first",
-    )
-    parser.add_argument(
-        "--allow-mixed",
-        action="store_true",
-        help="add measurements to rows made at another commit or on another machine (the report says which)",
-    )
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.rows or ()) - MODELS)
-    if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {sorted(MODELS)}")
-    return args
 
 
 def add_stage1_options(parser: argparse.ArgumentParser) -> None:
