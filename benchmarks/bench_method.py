@@ -32,7 +32,8 @@ difference to every other row with its standard error, and issue 25's targets; e
 
 Two stages run only when ``--stages`` names them (with the stages whose models they start from, on a checkout
 whose run directory has gone): ``sweep`` (seed 0: gcp + GSA, slim + FT, torch-pruning magnitude + FT at 30, 50
-and 60 % of the MACs besides ``--macs``) and ``lengths`` (gcp's pruned model recovered with GSA and with FT for 30
+and 60 % of the MACs besides ``--macs``; their pruned models and the teacher timed together in ONNX Runtime, and
+the report plots mAP@0.5 against MACs cut and against latency, ``benchmarks/figures/method_cpu_sweep.png``) and ``lengths`` (gcp's pruned model recovered with GSA and with FT for 30
 steps and 1 epoch besides the recovered rows' own 3 epochs).
 
     python benchmarks/bench_method.py                # everything: 134 min on 2 AVX-512 cores, ~215 on AVX2 ones
@@ -53,6 +54,7 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,6 +86,7 @@ from gcp.detection.data import VOCDataset, make_digit_scenes  # noqa: E402
 from gcp.detection.evaluate import evaluate  # noqa: E402
 from gcp.detection.train import fit  # noqa: E402
 from gcp.io import atomic_write_json, file_sha256  # noqa: E402
+from gcp.runtime.export import compare_latency  # noqa: E402
 from gcp.sparse.dynamic import SPARSE_BELOW  # noqa: E402
 from grouping import prunable_norms  # noqa: E402
 
@@ -115,6 +118,9 @@ FEEDS["pruned_gcp"] += ("gcp_gsa",)
 SWEEP_ROWS = (("gcp", "gsa"), ("slim", "ft"), ("tp_magnitude", "ft"))
 SWEEP_MACS = (0.3, 0.4, 0.5, 0.6)
 SWEEP_SEED = 0
+#: The sweep's latency: ONNX Runtime on the CPU, batch 1, this many intra-op threads and timed runs per model.
+LATENCY_THREADS, LATENCY_RUNS = 2, 100
+SWEEP_FIGURE = Path(__file__).parent / "figures" / "method_cpu_sweep.png"
 STEPS_PER_EPOCH = -(-3000 // BATCH)  # the last, short batch included
 #: Issue 25's recovery lengths (GSA against FT on gcp's pruned model), in training steps; the ``lengths`` stage
 #: makes those the recovered rows are not (their own length: ``recovery_steps``).
@@ -151,12 +157,13 @@ def other_lengths(args: argparse.Namespace) -> list[int]:
 
 
 def opt_in_keys(args: argparse.Namespace) -> set[str]:
-    """The models the opt-in stages (``OPT_IN``) make with this run's settings."""
+    """The models the opt-in stages (``OPT_IN``) make with this run's settings (the sweep: seed 0's only)."""
     sweep = {
         key
         for macs in sweep_shares(args)
         for method, recovery in SWEEP_ROWS
         for key in (sweep_key(method, macs), sweep_key(method, macs, recovery))
+        if args.seed == SWEEP_SEED
     }
     return sweep | {
         length_key(steps, recovery) for steps in other_lengths(args) for recovery in ("gsa", "ft")
@@ -179,13 +186,14 @@ RUN_FILES = frozenset(
         "method_cpu.json",
         "RESULTS_section.md",
         "gammas.png",
+        "sweep.png",
         *(f"{name}{suffix}" for name in MODELS for suffix in (".pt", "_history.json", "_terms.json")),
     }
 )
 #: Options that say what to run and where, not how to measure: not part of the settings a row is made with.
 RUN_OPTIONS = ("stages", "rows", "out", "fresh", "allow_mixed", "seeds")
 #: Entries of the measurements file that are not measurements.
-NOT_ROWS = ("settings", "wall_minutes", "rebuilt")
+NOT_ROWS = ("settings", "wall_minutes", "rebuilt", "sweep_latency")
 #: Every training stage: AdamW as the teacher was trained, fp32 (bf16 autocast is 6x slower on this AVX2 CPU),
 #: no EMA (its average would smear the exact zeros of stage 1 and lag in stage 3's short runs).
 TRAINING = {"optimizer": "adamw", "momentum": 0.9, "batch_size": BATCH, "warmup_epochs": 0.1, "ema": False}
@@ -767,10 +775,68 @@ def sweep_stage(bench: Bench) -> None:
     is the main rows'."""
     if bench.args.seed != SWEEP_SEED:
         print(f"sweep: measured on seed {SWEEP_SEED} only; skipped", flush=True)
+        return
     for macs in sweep_shares(bench.args):
         for method, recovery in SWEEP_ROWS:
             prune(bench, sweep_key(method, macs), method, macs)
             recover(bench, sweep_key(method, macs, recovery), recovery)
+    time_sweep(bench)
+
+
+def sweep_pruned(args: argparse.Namespace) -> dict[str, tuple[str, float]]:
+    """The sweep's pruned models by key, with their method and share of the MACs (the share of ``--macs``: the
+    main rows' own pruned models)."""
+    return {
+        (f"pruned_{method}" if abs(macs - args.macs) < 1e-9 else sweep_key(method, macs)): (method, macs)
+        for method, _recovery in SWEEP_ROWS
+        for macs in SWEEP_MACS
+    }
+
+
+def time_sweep(bench: Bench) -> None:
+    """ONNX Runtime latency (CPU, ``LATENCY_THREADS`` threads, batch 1) of the teacher and of every pruned model
+    of the sweep whose file is here, for the sweep's mAP-against-latency plot (Fig. 10 asks for the speed a cut
+    buys, which on this small model is much less than its MACs: RESULTS.md, latency). A recovered model has its
+    pruned model's architecture, so the pruned file is what is timed. All are timed in one process, interleaved
+    run by run (``compare_latency``), so they are measured together or not at all: once every model is timed,
+    the stage does not time again; when one more is here, all are timed anew. The record names its machine."""
+    keys = [key for key in sweep_pruned(bench.args) if bench.path(f"{key}.pt").is_file()]
+    missing = sorted(set(sweep_pruned(bench.args)) - set(keys))
+    if missing:
+        print(
+            f"sweep latency: {', '.join(missing)} not here (their stages first); timing the others",
+            flush=True,
+        )
+    recorded = bench.results.get("sweep_latency", {}).get("rows", {})
+    if not keys or set(keys) <= set(recorded):
+        return
+    models = {
+        "teacher": load_model(SHIPPED_TEACHER),
+        **{key: load_model(bench.path(f"{key}.pt")) for key in keys},
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        rows = compare_latency(
+            {name: model.eval() for name, model in models.items()},
+            bench.example.shape,
+            folder,
+            runs=LATENCY_RUNS,
+            warmup=LATENCY_RUNS // 5,
+            threads=LATENCY_THREADS,
+            atol=1e-3,
+        )
+    bench.results["sweep_latency"] = {
+        "rows": {
+            row["name"]: {k: row[k] for k in ("median_ms", "p10_ms", "p90_ms", "gmacs")} for row in rows
+        },
+        "threads": LATENCY_THREADS,
+        "runs": LATENCY_RUNS,
+        "provenance": bench.provenance(),
+    }
+    bench.save()
+    print(
+        f"[{now()}] sweep latency: " + ", ".join(f"{r['name']} {r['median_ms']:.2f} ms" for r in rows),
+        flush=True,
+    )
 
 
 def lengths_stage(bench: Bench) -> None:
@@ -786,10 +852,56 @@ def lengths_stage(bench: Bench) -> None:
 def report_stage(bench: Bench) -> None:
     """Write ``benchmarks/results/method_cpu.json`` and the RESULTS.md section from what has been measured
     (with ``--out``: ``method_cpu.json`` and ``RESULTS_section.md`` in that directory instead), and the γ
-    histograms of the stage-1 model against the teacher's, group by group (paper Fig. 9)."""
-    write_report(bench)
+    histograms of the stage-1 model against the teacher's, group by group (paper Fig. 9), and the sweep's
+    trade-off (paper Fig. 10) once the sweep measured something."""
+    payload = write_report(bench)
     if bench.path("sparse.pt").is_file():
         plot_stage1_gammas(bench)
+    if payload["sweep"]:
+        path = bench.path("sweep.png") if bench.args.out else SWEEP_FIGURE
+        plot_sweep(payload, path)
+        print(f"[{now()}] wrote {path}", flush=True)
+
+
+def plot_sweep(payload: dict[str, Any], path: Path) -> None:
+    """Paper Fig. 10 at CPU scale: mAP@0.5 of each recipe against the share of MACs cut and against its ONNX
+    Runtime latency (the teacher's accuracy dashed, its latency a star), seed 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_macs, by_latency) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    series: dict[str, list[dict[str, Any]]] = {}
+    for entry in payload["sweep"]:
+        series.setdefault(f"{entry['method']} + {entry['recovery'].upper()}", []).append(entry)
+    for index, (name, entries) in enumerate(series.items()):
+        entries = sorted(entries, key=lambda e: e["macs_cut"] or 0.0)
+        style = {"color": f"C{index}", "marker": "o", "label": name}
+        by_macs.plot([100 * (e["macs_cut"] or 0.0) for e in entries], [e["map50"] for e in entries], **style)
+        timed = [e for e in entries if e["latency_ms"] is not None]
+        by_latency.plot([e["latency_ms"] for e in timed], [e["map50"] for e in timed], **style)
+    teacher = payload["teacher_map50"]
+    latency = payload["sweep_latency"]
+    for ax in (by_macs, by_latency):
+        if teacher is not None:
+            ax.axhline(teacher, color="grey", linestyle="--", linewidth=1, label="teacher")
+        ax.grid(alpha=0.3)
+    if latency:
+        by_latency.plot([latency["teacher_ms"]], [teacher], "k*", markersize=10, label="teacher (unpruned)")
+        by_latency.set_title(
+            f"ONNX Runtime CPU, {latency['threads']} threads, batch 1 ({latency['machine'][:40]})", fontsize=9
+        )
+    by_macs.set_xlabel("MACs cut (%)")
+    by_macs.set_ylabel("mAP@0.5 (test)")
+    by_latency.set_xlabel("latency, median (ms)")
+    by_macs.set_title(f"seed {SWEEP_SEED}: accuracy against the share of MACs removed", fontsize=9)
+    by_macs.legend(loc="lower left", fontsize=8)
+    by_latency.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def plot_stage1_gammas(bench: Bench) -> None:
@@ -926,7 +1038,7 @@ def sparse_fraction(model: nn.Module) -> float:
     return float((gammas < SPARSE_BELOW).float().mean())
 
 
-def write_report(bench: Bench) -> None:
+def write_report(bench: Bench) -> dict[str, Any]:
     """``method_cpu.json`` and the RESULTS.md section from every seed's measurements (``seed_measurements``):
     the aggregate over the seeds first, then each seed's rows with where they were made."""
     per_seed = seed_measurements(bench)
@@ -941,6 +1053,7 @@ def write_report(bench: Bench) -> None:
         atomic_write_json(JSON_OUT, payload)
         write_section(title, body)
     print(json.dumps(payload, indent=1), flush=True)
+    return payload
 
 
 # ---------------------------------------------------------------------------------------- the seeds together
@@ -1002,6 +1115,7 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "sparse_fraction_below_1e-2": each("sparse", "sparse_fraction"),
         "pruned_before_recovery_map50": each("pruned_gcp"),
         "sweep": sweep_entries(per_seed),
+        "sweep_latency": sweep_latency(per_seed),
         "recovery_lengths": length_entries(per_seed),
         "commit": [places(r, 0) for r in results],
         "machine": [places(r, 1) for r in results],
@@ -1015,6 +1129,7 @@ def sweep_entries(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     r = per_seed.get(SWEEP_SEED, {})
     if not any(key.startswith(OPT_IN["sweep"]) for key in r):
         return []
+    timed = r.get("sweep_latency", {}).get("rows", {})
     entries = []
     for method, recovery in SWEEP_ROWS:
         for macs in SWEEP_MACS:
@@ -1022,11 +1137,32 @@ def sweep_entries(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
             key = f"{method}_{recovery}" if main else sweep_key(method, macs, recovery)
             pruned = f"pruned_{method}" if main else sweep_key(method, macs)
             if key in r:
-                cut = r.get(pruned, {}).get("macs_cut")
                 entries.append(
-                    {"method": method, "recovery": recovery, "macs_cut": cut, "map50": r[key]["map50"]}
+                    {
+                        "method": method,
+                        "recovery": recovery,
+                        "macs_cut": r.get(pruned, {}).get("macs_cut"),
+                        "map50": r[key]["map50"],
+                        "latency_ms": timed.get(pruned, {}).get("median_ms"),
+                    }
                 )
     return entries
+
+
+def sweep_latency(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """How the sweep's latencies were timed: the teacher's median, threads, runs, machine and date."""
+    record = per_seed.get(SWEEP_SEED, {}).get("sweep_latency")
+    if not record:
+        return None
+    provenance = record["provenance"]
+    return {
+        "teacher_ms": record["rows"]["teacher"]["median_ms"],
+        "threads": record["threads"],
+        "runs": record["runs"],
+        "machine": provenance["machine"],
+        "commit": provenance["commit"],
+        "date": provenance["date"],
+    }
 
 
 def length_entries(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1134,13 +1270,23 @@ def sweep_lines(payload: dict[str, Any]) -> list[str]:
     rows: dict[str, list[str]] = {}
     for entry in payload["sweep"]:
         name = f"{entry['method']} + {entry['recovery'].upper()}"
-        rows.setdefault(name, []).append(f"{fmt(entry['macs_cut'], '.0%')} {fmt(entry['map50'])}")
+        timed = f" ({entry['latency_ms']:.2f} ms)" if entry["latency_ms"] is not None else ""
+        rows.setdefault(name, []).append(f"{fmt(entry['macs_cut'], '.0%')} {fmt(entry['map50'])}{timed}")
     if not rows:
         return []
+    latency = payload["sweep_latency"]
+    timing = (
+        f" Latency: median of {latency['runs']} ONNX Runtime runs, CPU, {latency['threads']} threads, batch 1"
+        f" (teacher {latency['teacher_ms']:.2f} ms), {latency['machine']}, {latency['date']}."
+        if latency
+        else " Latency not timed yet."
+    )
     return [
         "",
         f"Sweep, seed {SWEEP_SEED} (MACs cut: mAP@0.5): "
-        + "; ".join(f"{k}: {', '.join(v)}" for k, v in rows.items()),
+        + "; ".join(f"{k}: {', '.join(v)}" for k, v in rows.items())
+        + f". Plot: `benchmarks/figures/{SWEEP_FIGURE.name}`."
+        + timing,
     ]
 
 

@@ -432,6 +432,7 @@ def test_the_report_aggregates_every_seeds_measurements_file(bench_module, tmp_p
         "sparse_fraction_below_1e-2",
         "pruned_before_recovery_map50",
         "sweep",
+        "sweep_latency",
         "recovery_lengths",
         "commit",
         "machine",
@@ -456,7 +457,7 @@ def test_the_report_aggregates_every_seeds_measurements_file(bench_module, tmp_p
         0.39,
     ]
     assert payload["pruned_before_recovery_map50"] == [0.58, 0.57, 0.57]
-    assert payload["sweep"] == [] and payload["recovery_lengths"] == []
+    assert payload["sweep"] == [] and payload["sweep_latency"] is None and payload["recovery_lengths"] == []
     assert payload["commit"] == [["c0mmit0"], ["c0mmit1"], ["c0mmit2"]] and payload["machine"] == [[CPU]] * 3
     assert payload["minutes"] == [10.0, 10.0, 10.0]
 
@@ -596,6 +597,41 @@ def test_the_sweep_prunes_and_recovers_its_rows_at_the_other_shares(bench_module
     ) in calls
 
 
+def test_the_sweep_is_seed_0s_alone(bench_module, tmp_path, monkeypatch, capsys):
+    m = bench_module
+    calls = []
+    monkeypatch.setattr(m, "prune", lambda *args: calls.append(args))
+    monkeypatch.setattr(m, "recover", lambda *args: calls.append(args))
+    bench = _bench(m, tmp_path, [], [], "--seed", "1", "--stages", "sweep")
+    m.sweep_stage(bench)
+    assert calls == [] and "measured on seed 0 only" in capsys.readouterr().out
+    assert not bench.makes("sweep30_pruned_gcp")
+
+
+def test_the_sweep_times_the_teacher_and_its_pruned_models_together_once(bench_module, tmp_path, monkeypatch):
+    m = bench_module
+    bench = _bench(m, tmp_path, [], ["pruned_gcp", "sweep30_pruned_gcp", "sweep60_pruned_slim"])
+    timed = []
+
+    def compare_latency(models, shape, folder, **options):
+        timed.append((sorted(models), options["threads"]))
+        return [{"name": n, "median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.1, "gmacs": 0.5} for n in models]
+
+    monkeypatch.setattr(m, "compare_latency", compare_latency)
+    monkeypatch.setattr(m, "load_model", lambda path: __import__("torch").nn.Identity())
+    m.time_sweep(bench)
+    assert timed == [(["pruned_gcp", "sweep30_pruned_gcp", "sweep60_pruned_slim", "teacher"], 2)]
+    record = json.loads(bench.results_path.read_text())["sweep_latency"]
+    assert set(record["rows"]) == {"teacher", "pruned_gcp", "sweep30_pruned_gcp", "sweep60_pruned_slim"}
+    assert record["provenance"]["machine"] == bench.machine
+    assert "sweep_latency" not in m.measurements(bench.results)  # not a row of the tables
+    m.time_sweep(bench)  # every model here is timed: not again
+    assert len(timed) == 1
+    (tmp_path / "sweep50_pruned_tp_magnitude.pt").write_bytes(b"")
+    m.time_sweep(bench)  # one more: all of them anew, together
+    assert len(timed) == 2 and "sweep50_pruned_tp_magnitude" in timed[1][0]
+
+
 def test_the_lengths_stage_recovers_gcp_for_30_steps_and_one_epoch(bench_module, tmp_path, monkeypatch):
     from torch import nn
 
@@ -644,16 +680,29 @@ def test_the_report_gathers_the_sweep_and_the_recovery_lengths(bench_module, tmp
             results["settings"]["macs"] = 0.4
             results["sweep30_pruned_gcp"] = {"map50": 0.5, "macs_cut": 0.301}
             results["sweep30_gcp_gsa"] = {"map50": 0.63}
+            timed = {"teacher": 9.0, "sweep30_pruned_gcp": 7.5, "pruned_gcp": 7.0}
+            results["sweep_latency"] = {
+                "rows": {
+                    k: {"median_ms": v, "p10_ms": v, "p90_ms": v, "gmacs": 1.0} for k, v in timed.items()
+                },
+                "threads": 2,
+                "runs": 100,
+                "provenance": {**_provenance("c0mmit0", CPU), "date": "2026-12-03 16:00 UTC"},
+            }
         path.write_text(json.dumps(results))
     payload, text = _seeded_report(bench_module, tmp_path, machines=())
     assert payload["sweep"] == [
-        {"method": "gcp", "recovery": "gsa", "macs_cut": 0.301, "map50": 0.63},
-        {"method": "gcp", "recovery": "gsa", "macs_cut": 0.4, "map50": 0.60},  # the main row
-        {"method": "slim", "recovery": "ft", "macs_cut": 0.4, "map50": 0.55},
+        {"method": "gcp", "recovery": "gsa", "macs_cut": 0.301, "map50": 0.63, "latency_ms": 7.5},
+        {"method": "gcp", "recovery": "gsa", "macs_cut": 0.4, "map50": 0.60, "latency_ms": 7.0},  # main row
+        {"method": "slim", "recovery": "ft", "macs_cut": 0.4, "map50": 0.55, "latency_ms": None},
     ]
+    assert payload["sweep_latency"]["teacher_ms"] == 9.0 and payload["sweep_latency"]["machine"] == CPU
+    assert "gcp + GSA: 30% 0.630 (7.50 ms), 40% 0.600 (7.00 ms)" in text
+    assert "(teacher 9.00 ms)" in text
+    bench_module.plot_sweep(payload, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
     lengths = {(e["steps"], e["recovery"]): e["map50"] for e in payload["recovery_lengths"]}
     assert lengths[(30, "ft")] == [0.32, 0.31, 0.30] and lengths[(282, "gsa")] == [0.60, 0.62, 0.64]
-    assert "Sweep, seed 0 (MACs cut: mAP@0.5): gcp + GSA: 30% 0.630, 40% 0.600; slim + FT: 40% 0.550" in text
     assert "- GSA ≥ FT at each recovery length (30 steps, 1 epoch, 3 epochs): missed" in text
     assert "  - at 30 steps: missed (mean paired difference -0.010 ± SE 0.006, n = 3)" in text
     assert "  - at 1 epoch (94 steps): met (mean paired difference +0.050 ± SE 0.000, n = 3)" in text
