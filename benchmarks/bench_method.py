@@ -44,6 +44,7 @@ steps and 1 epoch besides the recovered rows' own 3 epochs).
     python benchmarks/bench_method.py --stages sparse dense prune sweep report          # issue 25's sweep
     python benchmarks/bench_method.py --seed 1 --stages sparse prune lengths report     # its recovery lengths
     python benchmarks/bench_method.py --stages report --seeds 0 1 2                     # the report alone
+    python benchmarks/bench_method.py --stages sparse ship    # seed 0's stage 1 → gcp/assets/digits_sparse.pt
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from common import (  # noqa: E402
     mean_sd,
     now,
     paired,
+    ship_asset,
     tp_prune,
     tp_pruner,
     write_section,
@@ -78,7 +80,13 @@ from common import (  # noqa: E402
 
 import gcp  # noqa: E402
 from distill import GroupAttentionDistiller  # noqa: E402
-from gcp.app.pipeline import SHIPPED_TEACHER, load_model, save_model, save_pruned_like  # noqa: E402
+from gcp.app.pipeline import (  # noqa: E402
+    SHIPPED_SPARSE,
+    SHIPPED_TEACHER,
+    load_model,
+    save_model,
+    save_pruned_like,
+)
 from gcp.core.prune import channel_costs  # noqa: E402
 from gcp.core.report import count_macs_params  # noqa: E402
 from gcp.core.serialize import ModelFileError, read_pruned  # noqa: E402
@@ -126,7 +134,7 @@ STEPS_PER_EPOCH = -(-3000 // BATCH)  # the last, short batch included
 #: makes those the recovered rows are not (their own length: ``recovery_steps``).
 LENGTHS = {"30 steps": 30, "1 epoch": STEPS_PER_EPOCH, "3 epochs": 3 * STEPS_PER_EPOCH}
 #: Stages that run only when ``--stages`` names them, and the prefix of the keys each makes.
-OPT_IN = {"sweep": "sweep", "lengths": "length"}
+OPT_IN = {"sweep": "sweep", "lengths": "length", "ship": "ship"}  # ship makes no model
 
 
 def sweep_key(method: str, macs: float, recovery: str | None = None) -> str:
@@ -849,6 +857,19 @@ def lengths_stage(bench: Bench) -> None:
             recover(bench, length_key(steps, recovery), recovery, **length)
 
 
+def ship_stage(bench: Bench) -> None:
+    """Ship seed 0's stage-1 model as ``gcp/assets/digits_sparse.pt``, the model ``gcp demo``'s stage 1 continues
+    (20 demo steps cannot make γ sparse; this run's 2 epochs do), with its measured test mAP@0.5. Only when
+    ``--stages`` names it: the asset changes what every later demo run measures."""
+    if bench.args.seed != SWEEP_SEED or not bench.done("sparse") or not bench.path("sparse.pt").is_file():
+        print(
+            f"ship: needs seed {SWEEP_SEED}'s stage-1 model and its measurement (the sparse stage); skipped"
+        )
+        return
+    ship_asset(load_model(bench.path("sparse.pt")), bench.results["sparse"]["map50"], SHIPPED_SPARSE)
+    print(f"[{now()}] shipped {bench.path('sparse.pt')} as {SHIPPED_SPARSE}", flush=True)
+
+
 def report_stage(bench: Bench) -> None:
     """Write ``benchmarks/results/method_cpu.json`` and the RESULTS.md section from what has been measured
     (with ``--out``: ``method_cpu.json`` and ``RESULTS_section.md`` in that directory instead), and the γ
@@ -930,6 +951,7 @@ STAGES: dict[str, Callable[[Bench], None]] = {
     "table9": table9_stage,
     "sweep": sweep_stage,
     "lengths": lengths_stage,
+    "ship": ship_stage,
     "report": report_stage,
 }
 #: What a run without ``--stages`` runs: every stage but the opt-in ones (``OPT_IN``).

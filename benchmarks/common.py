@@ -63,6 +63,18 @@ def sparse_like_gammas(model: nn.Module, seed: int = 0, near_zero: float = 0.5) 
     return model
 
 
+def ship_asset(model: nn.Module, map50: float, asset: Path) -> None:
+    """Write ``model`` as a shipped asset (``gcp/assets/``): its builder, its weights in fp16 (half the bytes;
+    ``gcp.app.pipeline.load_model`` restores fp32) and the test mAP@0.5 it was measured at, atomically."""
+    import json
+
+    from gcp.io import atomic_torch_save
+
+    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    payload = {"builder": json.dumps(model.gcp_builder), "state_dict": weights, "map50": float(map50)}
+    atomic_torch_save(payload, asset)
+
+
 def write_section(title: str, body: str) -> None:
     """Replace (or append) the ``## title`` section of RESULTS.md with ``body``."""
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_revision, machine, now, write_section  # noqa: E402
+from common import git_revision, machine, now, ship_asset, write_section  # noqa: E402
 
-import gcp  # noqa: E402
 from gcp.core.report import count_macs_params  # noqa: E402
 from gcp.detection.data import VOCDataset, make_digit_scenes  # noqa: E402
 from gcp.detection.evaluate import evaluate  # noqa: E402
@@ -133,16 +132,6 @@ def plot_curve(history: dict, verdict: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def ship(model: torch.nn.Module, metrics: dict, asset: Path) -> None:
-    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    payload = {
-        "builder": json.dumps(model.gcp_builder),
-        "state_dict": weights,
-        "map50": float(metrics["map50"]),
-    }
-    gcp.io.atomic_torch_save(payload, asset)
-
-
 def main() -> None:
     args = parse_args()
     wall = time.perf_counter()
@@ -157,7 +146,7 @@ def main() -> None:
     macs, params = count_macs_params(model, torch.zeros(1, 3, SIZE, SIZE))
     shipped = args.ship and (verdict["converged"] or args.ship_unconverged)
     if shipped:
-        ship(model, test, Path(args.asset))
+        ship_asset(model, test["map50"], Path(args.asset))
     train_minutes = sum(history["seconds"]) / 60
     record = {
         "command": f"python benchmarks/train_reference.py --epochs {args.epochs}",

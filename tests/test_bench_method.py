@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_method.py"
 RECORDED = BENCH.parent / "results" / "method_cpu_measurements_seed0.json"
@@ -722,3 +723,30 @@ def test_measurements_made_from_another_teacher_are_refused(bench_module, tmp_pa
     }
     (tmp_path / "measurements.json").write_text(json.dumps({"settings": settings}))
     bench_module.Bench(bench_module.parse_args(["--out", str(tmp_path)]))  # the same teacher: accepted
+
+
+# ------------------------------------------------------------------------------------ the demo's stage-1 asset
+
+
+def test_ship_writes_seed0s_stage1_model_as_the_demos_asset(bench_module, tmp_path, monkeypatch):
+    from gcp.app.pipeline import load_model
+    from gcp.detection.models import yolov4
+
+    m = bench_module
+    asset = tmp_path / "assets" / "digits_sparse.pt"
+    monkeypatch.setattr(m, "SHIPPED_SPARSE", asset)
+    model = yolov4(num_classes=2, width=0.125, depth=0.33)
+    bench = _bench(m, tmp_path / "run", [], [], "--stages", "ship")
+    m.ship_stage(bench)  # stage 1 not measured yet: nothing to ship
+    assert not asset.exists()
+    m.save_model(model, bench.path("sparse.pt"))
+    bench.results["sparse"] = {"map50": 0.512}
+    m.ship_stage(bench)
+    shipped = torch.load(asset, weights_only=True)
+    assert shipped["map50"] == 0.512 and next(iter(shipped["state_dict"].values())).dtype == torch.float16
+    for name, value in load_model(asset).state_dict().items():
+        assert torch.allclose(value.float(), model.state_dict()[name].float(), atol=1e-2, rtol=1e-3), name
+    other = _bench(m, tmp_path / "run1", ["sparse"], ["sparse"], "--seed", "1", "--stages", "ship")
+    asset.unlink()
+    m.ship_stage(other)  # seed 0's alone
+    assert not asset.exists() and "ship" not in m.DEFAULT_STAGES
