@@ -42,7 +42,7 @@ from bench_method import BATCH, ROOT, SIZE, TRAINING, UNROUNDED, calibration, qu
 from common import git_revision, machine, now, write_section  # noqa: E402
 
 import gcp  # noqa: E402
-from distill import GroupAttentionDistiller  # noqa: E402
+from distill import BALANCED_BETAS, PAPER_BETAS, GroupAttentionDistiller  # noqa: E402
 from gcp.app.pipeline import SHIPPED_SPARSE, SHIPPED_TEACHER, load_model  # noqa: E402
 from gcp.detection.data import VOCDataset, collate, make_digit_scenes  # noqa: E402
 from gcp.detection.evaluate import evaluate  # noqa: E402
@@ -60,6 +60,16 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "gsa_candidates_sigmoid": {"soft_priors": "candidates", "class_activation": "sigmoid"},
     "gsa_at_only": {"soft_weight": 0.0},
     "gsa_soft_only": {"betas": (0.0,) * 5},
+    # issue 25 §4's candidates not measured before: the temperature of eq. 10-11 (the paper gives none; 1 is the
+    # default), the weight of the attention term, and what the attention distance is normalised by
+    "gsa_t2": {"temperature": 2.0},
+    "gsa_t4": {"temperature": 4.0},
+    "gsa_beta_x3": {"betas": tuple(3 * b for b in BALANCED_BETAS)},
+    "gsa_beta_div3": {"betas": tuple(b / 3 for b in BALANCED_BETAS)},
+    "gsa_paper_beta_mean_squared": {
+        "betas": PAPER_BETAS,
+        "distance": "mean_squared",
+    },  # §5.4's β, per position
 }
 PRIOR_SETS = ("all", "candidates")
 TERMS = ("hard", "at", "soft_cls", "soft_box")

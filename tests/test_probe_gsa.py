@@ -57,3 +57,19 @@ def test_report_names_the_priors_of_each_gradient_table(probe_module):
     }
     text = probe_module.render(payload)
     assert "class term over candidates priors" in text and "| ft/hard | 3 | 0.1 | 10 |" in text
+
+
+def test_every_variant_is_a_valid_distiller_setting(probe_module):
+    import torch
+
+    from gcp.detection.models import yolov4
+
+    teacher = yolov4(num_classes=2, width=0.125, depth=0.33)
+    student = yolov4(num_classes=2, width=0.125, depth=0.33)
+    example = torch.zeros(1, 3, 64, 64)
+    for name, options in probe_module.VARIANTS.items():
+        if options is None:  # fine-tuning
+            continue
+        with probe_module.GroupAttentionDistiller(teacher, student, example, **options) as distiller:
+            for key, value in options.items():
+                assert getattr(distiller, key) == value, (name, key)
