@@ -8,26 +8,21 @@ different commits or on different machines are not silently presented as one run
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _benchmarks import BENCHMARKS, load_benchmark
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_method.py"
+BENCH = BENCHMARKS / "bench_method.py"
 # seed 0's measurements from the first teacher (0.616), kept beside the converged teacher's as a variant file
 RECORDED = BENCH.parent / "results" / "method_cpu_measurements_seed0_teacher0616.json"
 
 
 @pytest.fixture(scope="module")
 def bench_module():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_method", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_method")
 
 
 def _bench(module, tmp_path: Path, measured: list[str], files: list[str], *options: str):

@@ -4,27 +4,21 @@ seed order, mean ± sd, gcp + GSA's paired differences ± SE, the targets, CPU a
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
 from gcp.io import file_sha256
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ultralytics.py"
 CPU = "AMD EPYC (AVX512), 2 cores, 24 GiB RAM, torch 2.5, no GPU"
 GPU = "NVIDIA H200 GPU, 16 cores, 128 GiB RAM, torch 2.5"
 
 
 @pytest.fixture(scope="module")
 def bench_module():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_ultralytics", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_ultralytics")
 
 
 # ------------------------------------------------------------------------------------------------- the base

@@ -3,23 +3,15 @@ RESULTS.md text naming every gradient table's class-term priors."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_gsa.py"
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def probe_module():
-    sys.path.insert(0, str(PROBE.parent))
-    spec = importlib.util.spec_from_file_location("probe_gsa", PROBE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("probe_gsa")
 
 
 def run(variant: str, seed: int, map50: float) -> dict:

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_reference.py"
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def reference():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("train_reference", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_reference")
 
 
 def test_convergence_compares_the_best_of_the_last_fifth_with_the_epoch_before_it(reference):
