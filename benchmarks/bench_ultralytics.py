@@ -102,7 +102,7 @@ from common import (  # noqa: E402
     tp_prune,
     write_section,
 )
-from train_reference import convergence  # noqa: E402
+from train_reference import CONVERGED_GAIN, convergence, plot_curve  # noqa: E402
 
 from gcp.detection.data import make_digit_scenes  # noqa: E402
 from gcp.io import atomic_write_json, atomic_write_text, file_sha256  # noqa: E402
@@ -309,34 +309,6 @@ def base_verdict(curve: Sequence[float], epochs: int, threshold: float) -> dict[
     return verdict
 
 
-def plot_curve(curve: dict[str, list[float]], verdict: dict[str, Any], path: Path) -> None:
-    """Validation mAP@0.5 (and mAP@0.5:0.95) against epoch, the last fifth shaded."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(6.4, 3.8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(curve["epoch"], curve["map50"], marker="o", ms=3, label="val mAP@0.5 (Ultralytics' EMA weights)")
-    ax.plot(curve["epoch"], curve["map"], marker="o", ms=3, label="val mAP@0.5:0.95")
-    if verdict["window_epochs"]:
-        last = curve["epoch"][-1]
-        ax.axvspan(
-            last - verdict["window_epochs"] + 0.5, last + 0.5, color="grey", alpha=0.15, label="last fifth"
-        )
-    gain = "not judged" if verdict["gain"] is None else f"gain over the last fifth {verdict['gain']:+.3f}"
-    ax.set_title(f"YOLOv8n base on DigitScenes val: {gain}", fontsize=10)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mAP")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-
-
 def reusable_asset(places: Places) -> bool:
     """Whether the shipped asset is a converged base: the base record says so and holds the asset's hash."""
     record = read_json(places.base_record)
@@ -376,7 +348,15 @@ def judge_base(base: Bench, places: Places) -> dict[str, Any]:
     args = base.args
     curve = read_results_csv(base.path("fits/train/results.csv"))
     verdict = base_verdict(curve["map50"], args.base_epochs, args.converged)
-    plot_curve(curve, verdict, places.curve)
+    plot_curve(
+        curve["epoch"],
+        curve["map50"],
+        curve["map"],
+        verdict,
+        places.curve,
+        subject="YOLOv8n base",
+        weights="Ultralytics' EMA weights",
+    )
     weights = base.path("trained.pt")
     record: dict[str, Any] = {
         "model": "YOLOv8n from yolov8n.yaml, Ultralytics' trainer",
@@ -889,7 +869,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--converged",
         type=float,
-        default=0.005,
+        default=CONVERGED_GAIN,
         help="the base converged when val mAP@0.5 gains less than this over the last fifth of its epochs",
     )
     parser.add_argument(

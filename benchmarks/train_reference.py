@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ BATCH = 32
 ARCH = {"num_classes": 10, "width": 0.25, "depth": 0.33}
 FIGURE = Path(__file__).with_name("figures") / "teacher_curve.png"
 RECORD = Path(__file__).with_name("results") / "teacher.json"
+#: Issue 25 §1: a model has converged when val mAP@0.5 gains less than this over the last fifth of its epochs.
+CONVERGED_GAIN = 0.005
 
 
 def build_student() -> torch.nn.Module:
@@ -60,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--converged",
         type=float,
-        default=0.005,
+        default=CONVERGED_GAIN,
         help="converged when val mAP@0.5 gains less than this over the last fifth of the epochs",
     )
     parser.add_argument(
@@ -168,29 +171,52 @@ def convergence(curve: list[float], threshold: float) -> dict:
     return {"window_epochs": window, "gain": gain, "converged": gain < threshold, "threshold": threshold}
 
 
-def plot_curve(history: dict, verdict: dict, path: Path, schedule: int) -> None:
-    import matplotlib
+def plot_curve(
+    epochs: Sequence[int],
+    map50: Sequence[float],
+    map_: Sequence[float],
+    verdict: dict,
+    path: Path,
+    *,
+    subject: str,
+    weights: str = "EMA weights",
+    second_cycle_from: int | None = None,
+) -> None:
+    """Validation mAP@0.5 and mAP@0.5:0.95 against epoch (1-based), the window ``convergence`` judged shaded and,
+    with ``second_cycle_from``, the start of a second cycle marked: the curve RESULTS.md shows for a converged
+    model (this teacher, and ``bench_ultralytics``' YOLOv8n base with ``weights`` its own)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [e + 1 for e in history["epoch"]]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.plot(epochs, history["metrics/map50"], marker="o", ms=3, label="val mAP@0.5 (EMA weights)")
-    ax.plot(epochs, history["metrics/map"], marker="o", ms=3, label="val mAP@0.5:0.95")
-    first = len(epochs) - verdict["window_epochs"]
-    ax.axvspan(first + 0.5, len(epochs) + 0.5, color="grey", alpha=0.15, label="last fifth of the schedule")
-    if len(epochs) > schedule:
-        ax.axvline(schedule + 0.5, color="black", linestyle=":", linewidth=1, label="second cycle (--extend)")
+    fig = Figure(figsize=(6.4, 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(epochs, map50, marker="o", ms=3, label=f"val mAP@0.5 ({weights})")
+    ax.plot(epochs, map_, marker="o", ms=3, label="val mAP@0.5:0.95")
+    if verdict["window_epochs"]:
+        last = epochs[-1]
+        ax.axvspan(
+            last - verdict["window_epochs"] + 0.5, last + 0.5, color="grey", alpha=0.15, label="last fifth"
+        )
+    if second_cycle_from is not None and epochs[-1] > second_cycle_from:
+        ax.axvline(
+            second_cycle_from + 0.5,
+            color="black",
+            linestyle=":",
+            linewidth=1,
+            label="second cycle (--extend)",
+        )
+    gain = "not judged" if verdict["gain"] is None else f"gain over the last fifth {verdict['gain']:+.3f}"
+    ax.set_title(f"{subject} on DigitScenes val: {gain}", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("mAP")
-    ax.set_title(f"Teacher on DigitScenes val: gain over last fifth {verdict['gain']:+.3f}")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -205,7 +231,15 @@ def main() -> None:
         plain = VOCDataset(root, "train", size=SIZE, augment=True, horizontal_flip=False)
         history = extend(args, model, plain, val_set, history)
     verdict = convergence(history["metrics/map50"], args.converged)
-    plot_curve(history, verdict, FIGURE, args.epochs)
+    plot_curve(
+        [e + 1 for e in history["epoch"]],
+        history["metrics/map50"],
+        history["metrics/map"],
+        verdict,
+        FIGURE,
+        subject="Teacher",
+        second_cycle_from=args.epochs,
+    )
     test = evaluate(model, VOCDataset(root, "test", size=SIZE), batch_size=16, progress=False)
     macs, params = count_macs_params(model, torch.zeros(1, 3, SIZE, SIZE))
     shipped = args.ship and (verdict["converged"] or args.ship_unconverged)
