@@ -208,6 +208,9 @@ class Bench:
                 f"{self.config} holds other settings than these; use another directory or the same arguments"
             )
         atomic_write_text(self.config, text)
+        # The commit this invocation runs, read at launch as bench_method does: measurements recorded hours
+        # later must not carry a commit the tree moved to meanwhile.
+        self.commit = git_revision()
 
     def path(self, name: str) -> Path:
         return self.run / name
@@ -370,7 +373,7 @@ def judge_base(base: Bench, places: Places) -> dict[str, Any]:
         "weights_sha256": file_sha256(weights),
         "minutes": base.minutes().get("train"),
         "settings": {"lr": LR, "batch": BATCH, "size": SIZE, "warmup_epochs": 3, "seed": 0},
-        "commit": git_revision(),
+        "commit": base.commit,
         "machine": machine(),
         "date": now(),
     }
@@ -459,7 +462,7 @@ def record_measurements(bench: Bench, places: Places) -> dict[str, Any]:
     report = json.loads(bench.path("report.json").read_text(encoding="utf-8"))
     by_name = {row["name"]: row for row in report["rows"]}
     base = by_name["trained"]
-    where = {"commit": git_revision(), "machine": machine(), "date": now()}
+    where = {"commit": bench.commit, "machine": machine(), "date": now()}
     path = places.seed_file(bench.args.seed)
     results = read_json(path) or {"seed": bench.args.seed, "rows": {}}
     settings = seed_settings(bench)

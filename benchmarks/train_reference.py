@@ -222,6 +222,9 @@ def plot_curve(
 def main() -> None:
     args = parse_args()
     wall = time.perf_counter()
+    # The commit whose code this invocation runs: read now, not when the hours of training end (the tree may
+    # have moved on meanwhile). Epochs resumed from earlier invocations ran earlier commits.
+    commit = git_revision()
     torch.manual_seed(args.seed)
     root = make_digit_scenes(args.root, n_train=3000, n_val=500, n_test=500, size=SIZE, seed=args.seed)
     train_set = VOCDataset(root, "train", size=SIZE, augment=True, horizontal_flip=args.horizontal_flip)
@@ -252,7 +255,7 @@ def main() -> None:
         + (f" --extend {args.extend} --extend-lr {args.extend_lr:g}" if args.extend else ""),
         "seed": args.seed,
         "date": now(),
-        "commit": git_revision(),
+        "commit": commit,
         "machine": machine(),
         "epochs": args.epochs,
         "horizontal_flip": args.horizontal_flip,

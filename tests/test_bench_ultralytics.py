@@ -227,3 +227,20 @@ def test_the_report_writes_the_aggregate_json(bench_module, tmp_path, capsys):
     assert written["seeds"] == [0, 1] and written["rows"][0]["map50"] == [0.70, 0.72]
     assert written == json.loads(json.dumps(payload))
     assert f"## {m.TITLE}" in capsys.readouterr().out
+
+
+def test_measurements_carry_the_commit_the_run_was_launched_at(bench_module, tmp_path, monkeypatch):
+    """Hours pass between launch and the eval stage's record: a commit made meanwhile is not the code that ran."""
+    m = bench_module
+    monkeypatch.setattr(m, "git_revision", lambda: "launch1")
+    bench = m.Bench(m.parse_args(["--seed", "0"]), tmp_path / "run", "config: same\n")
+    monkeypatch.setattr(m, "git_revision", lambda: "later22")
+    (tmp_path / "run" / "trained.pt").write_bytes(b"weights")
+    (tmp_path / "run" / "dense.pt").write_bytes(b"weights")
+    rows = [
+        {"name": name, "map50": 0.5, "map": 0.3, "params": 10.0, "macs": 20.0, "median_ms": 1.0}
+        for name in ("trained", "dense")
+    ]
+    (tmp_path / "run" / "report.json").write_text(json.dumps({"rows": rows}))
+    results = m.record_measurements(bench, m.Places(tmp_path / "scratch"))
+    assert {row["commit"] for row in results["rows"].values()} == {"launch1"}
