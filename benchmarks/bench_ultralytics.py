@@ -36,12 +36,13 @@ model would. Every training stage is Ultralytics' trainer at the lr its ``optimi
    what GSA adds) and of ``pruned_slim.pt`` → ``finetuned_slim.pt`` (slim + FT);
 7. ``tp``: torch-pruning's YOLOv8 recipe on the base: C2f split into its branch form
    (``gcp.adapters.ultralytics.split_blocks``, as torch-pruning's example replaces C2f), its ``MagnitudePruner``
-   with L2 group magnitude importance, stepped until it removes as many MACs as gcp did (``common.tp_prune``) →
-   ``pruned_tpl2.pt``; then fine-tuned for E epochs (the row has no stage 1, so its fine-tuning is the whole E)
-   → ``finetuned_tpl2.pt``. torch-pruning's example prunes iteratively, with fine-tuning between the steps
-   (several rounds of a few percent each, each followed by training); here the same pruner takes its steps
-   back to back and all E epochs of training come after the last one, so the row gets the same training as the
-   others but not interleaved with the pruning;
+   with L2 group magnitude importance, iterative as in its example: ``--tp-rounds`` R rounds, round k stepping
+   the pruner until k/R of gcp's achieved MACs cut is gone (``common.tp_prune``) and then fine-tuning for its
+   share of the E epochs (6 over 3 rounds: 2 each), the next round pruning that fine-tuned model. The row has
+   no stage 1, so its E epochs are all fine-tuning. Round k's files are ``pruned_tpl2_round<k>.pt`` and
+   ``finetuned_tpl2_round<k>.pt``; the last round's are the row's ``pruned_tpl2.pt`` (its last pruning, before
+   that round's fine-tuning) and ``finetuned_tpl2.pt``; the pruning records are chained
+   (``PruneResult.following``), so gcp's weights-only files replay every round on the base;
 8. ``eval``: ``gcp eval`` on the test split (gcp's evaluator and ``YOLO.val``) and ``gcp bench latency`` (ONNX
    Runtime, batch 1, the architectures timed round-robin) of every model file above; the measurements (per row
    map50, map, ultralytics_map50, ultralytics_map, params_cut, macs_cut, ort_ms, commit, machine, date) go to
@@ -408,23 +409,62 @@ def stage_dense(bench: Bench) -> None:
         ctx.family.fit(ctx, model, ctx.config.finetune, "dense", output)
 
 
+def round_epochs(total: int, rounds: int) -> list[int]:
+    """The E epochs of torch-pruning's row split over its rounds as evenly as whole epochs allow, the later
+    rounds (the smaller models) taking the remainder: 6 over 3 → [2, 2, 2], 7 over 3 → [2, 2, 3]."""
+    if not 1 <= rounds <= total:
+        raise ValueError(f"--tp-rounds must be between 1 and the row's {total} epochs, not {rounds}")
+    return [total // rounds + (k >= rounds - total % rounds) for k in range(rounds)]
+
+
+def tp_round_method(k: int, rounds: int) -> str:
+    """The pipeline's method name of round ``k`` (1-based): its files are pruned_<name>.pt and
+    finetuned_<name>.pt; the last round's are the row's pruned_tpl2.pt and finetuned_tpl2.pt."""
+    return TP_METHOD if k == rounds else f"{TP_METHOD}_round{k}"
+
+
 def stage_tp(bench: Bench) -> None:
-    """torch-pruning's L2 magnitude pruner on the base, to gcp's achieved MACs cut → pruned_tpl2.pt; then
-    fine-tuned for E epochs → finetuned_tpl2.pt."""
-    from gcp.adapters.ultralytics import split_blocks
+    """torch-pruning's YOLOv8 recipe, iterative as in its example: ``--tp-rounds`` rounds, each stepping the L2
+    MagnitudePruner until k/R of gcp's achieved MACs cut (of the base) is gone, then fine-tuning with the
+    round's share of the E epochs (``round_epochs``), the next round starting from that fine-tuned model. The
+    last round's files are the row's: pruned_tpl2.pt (its last pruning, before its fine-tuning) and
+    finetuned_tpl2.pt. Each round's files are kept, so an interrupted row resumes at its round."""
     from gcp.app.pipeline import finetune_stage
 
-    ctx = bench.context(f"finetune.epochs={total_epochs(bench.args)}")
-    pruned = bench.path(f"pruned_{TP_METHOD}.pt")
-    if not pruned.is_file():
-        gcp_report = json.loads(bench.path("prune_gcp.json").read_text(encoding="utf-8"))
-        model = ctx.family.load(bench.path("trained.pt"))
-        split_blocks(model)  # as torch-pruning's YOLOv8 example replaces C2f by its split version
-        result = tp_prune(model, ctx.example_inputs, "tp_magnitude", gcp_report["achieved"])
-        result.adapter = "ultralytics"
-        atomic_write_json(bench.path(f"prune_{TP_METHOD}.json"), result.report)
-        ctx.family.save_pruned(result, pruned, bench.path("trained.pt"))
-    finetune_stage(ctx, TP_METHOD)
+    rounds = bench.args.tp_rounds
+    epochs = round_epochs(total_epochs(bench.args), rounds)
+    target = json.loads(bench.path("prune_gcp.json").read_text(encoding="utf-8"))["achieved"]
+    source = bench.path("trained.pt")
+    for k in range(1, rounds + 1):
+        method = tp_round_method(k, rounds)
+        ctx = bench.context(f"finetune.epochs={epochs[k - 1]}")
+        if not ctx.run.pruned(method).is_file():
+            tp_round(bench, ctx, source, method, target * k / rounds)
+        source = finetune_stage(ctx, method)
+
+
+def tp_round(bench: Bench, ctx: Any, source: Path, method: str, cut: float) -> None:
+    """One pruning of torch-pruning's row: ``source`` (the base, split as torch-pruning's YOLOv8 example
+    replaces C2f, or the previous round's fine-tuned model) stepped until ``cut`` of the base's MACs are gone
+    → pruned_<method>.pt, its pruning record chained to the earlier rounds' so that gcp's weights-only format
+    replays them all on the base."""
+    from gcp.adapters.ultralytics import split_blocks
+    from gcp.app.ultralytics.trainer import PRUNING_RECORD
+    from gcp.core.report import count_macs_params
+
+    model = ctx.family.load(source)
+    earlier = getattr(model, PRUNING_RECORD, None)
+    if earlier is None:
+        split_blocks(model)
+    base_macs = earlier["report"]["macs"]["before"] if earlier else None
+    macs, _ = count_macs_params(model.eval(), ctx.example_inputs)
+    base_macs = base_macs or macs
+    result = tp_prune(model, ctx.example_inputs, "tp_magnitude", 1 - base_macs * (1 - cut) / macs)
+    result.adapter = "ultralytics"
+    if earlier:
+        result = result.following(earlier["history"], earlier["report"])
+    atomic_write_json(bench.path(f"prune_{method}.json"), result.report)
+    ctx.family.save_pruned(result, ctx.run.pruned(method), bench.path("trained.pt"))
 
 
 def model_files(bench: Bench) -> list[Path]:
@@ -448,6 +488,7 @@ def seed_settings(bench: Bench) -> dict[str, Any]:
         "epochs_recover": args.epochs_recover,
         "total_epochs": total_epochs(args),
         "macs": args.macs,
+        "tp_rounds": args.tp_rounds,
         "lr": LR,
         "batch": BATCH,
         "size": SIZE,
@@ -830,8 +871,9 @@ def render(payload: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> str:
         f"--epochs-recover {er} --macs {settings.get('macs')}`, then `--stages report`. AdamW lr "
         f"{settings.get('lr')}, batch {settings.get('batch')}, {settings.get('size')} px, fliplr 0; gcp's evaluator"
         " (conf 0.001, NMS IoU 0.6) and `YOLO.val` (Ultralytics' own settings) on the 500 test images; ONNX"
-        " Runtime CPU latency at batch 1 (`gcp bench`). torch-pruning's row steps its MagnitudePruner back to back"
-        " and then fine-tunes, where its YOLOv8 example fine-tunes between iterative steps.",
+        " Runtime CPU latency at batch 1 (`gcp bench`). torch-pruning's row prunes and fine-tunes in"
+        f" {settings.get('tp_rounds', 1)} rounds that share its E epochs (its YOLOv8 example's iterative recipe;"
+        " measurements without `tp_rounds` pruned once and fine-tuned after).",
     ]
     for seed, results in per_seed.items():
         lines += seed_lines(seed, results)
@@ -887,6 +929,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs-recover", type=int, default=3)
     parser.add_argument("--macs", type=float, default=0.4, help="share of the MACs to remove")
     parser.add_argument(
+        "--tp-rounds",
+        type=int,
+        default=3,
+        help="torch-pruning's row: prune-then-fine-tune rounds sharing its E epochs (1: prune once, then E)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="check the script end to end: 48 training images, 2 base epochs and 1 epoch a stage, a temporary "
@@ -905,7 +953,7 @@ def main() -> None:
     if args.smoke:
         scratch = Path(tempfile.mkdtemp(prefix="bench_ultralytics_"))
         args.root, args.run_dir, args.base_dir = (str(scratch / name) for name in ("digits", "run", "base"))
-        args.base_epochs, args.epochs_sparse, args.epochs_recover = 2, 1, 1
+        args.base_epochs, args.epochs_sparse, args.epochs_recover, args.tp_rounds = 2, 1, 1, 2
         sizes = {"n_train": 48, "n_val": 16, "n_test": 16}
         print(f"smoke run in {scratch}", flush=True)
     places = Places(scratch)

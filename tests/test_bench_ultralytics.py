@@ -244,3 +244,13 @@ def test_measurements_carry_the_commit_the_run_was_launched_at(bench_module, tmp
     (tmp_path / "run" / "report.json").write_text(json.dumps({"rows": rows}))
     results = m.record_measurements(bench, m.Places(tmp_path / "scratch"))
     assert {row["commit"] for row in results["rows"].values()} == {"launch1"}
+
+
+def test_torch_prunings_rounds_share_the_rows_epochs(bench_module):
+    assert bench_module.round_epochs(6, 3) == [2, 2, 2]
+    assert bench_module.round_epochs(7, 3) == [2, 2, 3]
+    assert bench_module.round_epochs(6, 1) == [6]
+    assert [bench_module.tp_round_method(k, 3) for k in (1, 2, 3)] == ["tpl2_round1", "tpl2_round2", "tpl2"]
+    for rounds in (0, 7):
+        with pytest.raises(ValueError, match="--tp-rounds"):
+            bench_module.round_epochs(6, rounds)

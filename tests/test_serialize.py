@@ -120,3 +120,49 @@ def test_the_default_bounds_admit_the_papers_full_size_models() -> None:
     with torch.device("meta"):
         model = _build_recorded({"name": "yolov4", "kwargs": {"num_classes": 80, "width": 1.0}}, path)
     assert sum(p.numel() for p in model.parameters()) > 60_000_000
+
+
+def test_a_pruned_model_pruned_again_is_rebuilt_from_both_steps(tmp_path: Path) -> None:
+    """Iterative pruning: the second step's history indexes the once-pruned model, so the file must replay both
+    steps on the base; the chained report compares with the unpruned base."""
+    torch.manual_seed(0)
+    model = yolov4(num_classes=2, width=0.125, depth=0.33)
+    example = torch.rand(1, 3, SIZE, SIZE)
+    first = gcp.prune_detector(model, example, ratio=0.2, method="l1")
+    with torch.no_grad():  # as fine-tuning would: the second step must not lean on the first step's weights
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    second = gcp.prune_detector(model, example, ratio=0.2, method="l1")
+    assert second.report["params"]["before"] == first.report["params"]["after"]
+
+    alone = tmp_path / "second_alone.pt"
+    second.save(alone)
+    with pytest.raises(ModelFileError):  # the second history alone does not fit the base
+        load_pruned(alone)
+
+    chained = second.following(first.history, first.report)
+    assert chained.history == first.history + second.history
+    params = chained.report["params"]
+    assert params["before"] == first.report["params"]["before"]
+    assert params["after"] == second.report["params"]["after"]
+    assert params["pruned"] == pytest.approx(1 - params["after"] / params["before"])
+    assert chained.report["steps"] == [first.report, second.report]
+    assert second.history != chained.history  # the step's own result is left as it was
+
+    rebuilt = load_pruned(chained.save(tmp_path / "chained.pt"))
+    with torch.no_grad():
+        expected = model.eval()(example)
+        for got, want in zip(rebuilt(example), expected, strict=True):
+            torch.testing.assert_close(got, want)
+    third = gcp.prune_detector(rebuilt, example, ratio=0.1, method="l1").following(
+        chained.history, chained.report
+    )
+    assert len(third.report["steps"]) == 3
+    assert load_pruned(third.save(tmp_path / "third.pt")) is not None
+
+
+def test_a_chained_report_needs_the_earlier_counts() -> None:
+    model = yolov4(num_classes=2, width=0.125, depth=0.33)
+    result = gcp.prune_detector(model, torch.rand(1, 3, SIZE, SIZE), ratio=0.1, method="l1")
+    with pytest.raises(ValueError, match="params/macs"):
+        result.following([], {"method": "l1"})

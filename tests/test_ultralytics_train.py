@@ -60,6 +60,32 @@ def pruned():
     return result, n_params(model), teacher
 
 
+def test_a_trained_pruned_model_pruned_again_keeps_a_weights_only_file_of_both_steps(
+    pruned, data_yaml, tmp_path
+):
+    """Iterative pruning on Ultralytics' trainer (torch-pruning's YOLOv8 recipe in bench_ultralytics): prune,
+    fine-tune, prune the fine-tuned checkpoint again with its carried record chained, fine-tune; gcp's
+    weights-only file of the last run replays both prunings on a fresh YOLOv8n."""
+    result, params, _ = copy.deepcopy(pruned)
+    first = train(result, data_yaml, epochs=1, project=str(tmp_path), name="round1", **TRAIN)
+    model = YOLO(first).model.float().requires_grad_(True)
+    record = getattr(model, PRUNING_RECORD)
+    images = torch.rand(1, 3, IMGSZ, IMGSZ)
+    again = gcp.prune_detector(model, images, ratio=0.2)
+    again = again.following(record["history"], record["report"])
+    assert again.report["params"]["before"] == result.report["params"]["before"]
+    assert again.report["params"]["after"] == n_params(model) < params
+
+    last = train(again, data_yaml, epochs=1, project=str(tmp_path), name="round2", **TRAIN)
+    assert getattr(YOLO(last).model, PRUNING_RECORD)["history"] == again.history
+    rebuilt = gcp.load_pruned(
+        last.parent / f"gcp_{last.name}", base=DetectionModel("yolov8n.yaml", nc=CLASSES, verbose=False)
+    )
+    assert n_params(rebuilt) == n_params(model)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images)[0], model.eval()(images)[0])
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 

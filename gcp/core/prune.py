@@ -11,7 +11,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,25 @@ class PruneResult:
     def save(self, path: str | Path) -> Path:
         """Write weights + a plain description of the kept channels (see :func:`gcp.load_pruned`)."""
         return save_pruned(self, path)
+
+    def following(self, history: list[list[Any]], report: dict[str, Any]) -> PruneResult:
+        """This pruning as a later step of a model already pruned by ``history`` (its report ``report``): a
+        pruned model fine-tuned and pruned again, as iterative pruning does. A step's history indexes the
+        channels the model had when it ran, so the unpruned base is rebuilt by replaying the earlier steps
+        first; the returned result carries both histories in that order and a report whose ``params``/``macs``
+        (and, for those budgets, ``achieved``) compare with the unpruned base, each step's own report kept under
+        ``steps``. Raises ValueError when the earlier report lacks the counts to compare with."""
+        try:
+            before = {key: report[key]["before"] for key in ("params", "macs")}
+        except (KeyError, TypeError):
+            raise ValueError("the earlier pruning's report has no params/macs before-counts") from None
+        chained = {**self.report, "steps": [*report.get("steps", [report]), self.report]}
+        for key in ("params", "macs"):
+            after = self.report[key]["after"]
+            chained[key] = {"before": before[key], "after": after, "pruned": 1 - after / before[key]}
+        if self.report.get("budget") in ("params", "macs"):
+            chained["achieved"] = chained[self.report["budget"]]["pruned"]
+        return replace(self, report=chained, history=[*history, *self.history])
 
 
 @dataclass(frozen=True)
