@@ -1,6 +1,6 @@
 """Issue 12 §6: the method at CPU scale, from the shipped DigitScenes teacher, against its peers at equal MACs.
 
-From ``gcp/assets/digits_teacher.pt`` (reduced YOLOv4, 0.616 test mAP@0.5) on DigitScenes (3,000 train / 500
+From ``gcp/assets/digits_teacher.pt`` (reduced YOLOv4, 0.773 test mAP@0.5) on DigitScenes (3,000 train / 500
 test at 256 px, the teacher's own data):
 
 1. stage 1, dynamic sparse training (``gcp.DynamicSparsity``, layer_relative mechanism) → ``sparse``;
