@@ -708,8 +708,23 @@ def prune(bench: Bench, key: str, method: str, macs: float) -> None:
             "params_cut": report["params"]["pruned"],
             "macs_cut": report["macs"]["pruned"],
             "groups": {g["name"]: round(g["ratio"], 4) for g in report.get("groups", [])},
+            **lcp_cost(report),
         },
     )
+
+
+def lcp_cost(report: dict[str, Any]) -> dict[str, Any]:
+    """LCP's ranking time from its pruning report (issue 27 §3: ≤ 20 min; per layer in the pruned file's report):
+    the total and the slowest layer, for the seed's notes; nothing for the other methods."""
+    if "lcp" not in report:
+        return {}
+    seconds = report["lcp"]["seconds"]
+    slowest = max(seconds, key=seconds.__getitem__)
+    return {
+        "lcp_seconds": report["lcp"]["total_seconds"],
+        "lcp_layers": len(seconds),
+        "lcp_slowest": [slowest, seconds[slowest]],
+    }
 
 
 def source_of(key: str) -> str:
@@ -1589,6 +1604,15 @@ def seed_notes(payload: dict[str, Any], r: dict[str, Any]) -> list[str]:
                 for key, v in rebuilt.items()
             )
             + ".",
+        ]
+    lcp = r.get("pruned_lcp", {})
+    if "lcp_seconds" in lcp:
+        name, seconds = lcp["lcp_slowest"]
+        lines += [
+            "",
+            f"LCP's channel ranking took {lcp['lcp_seconds']:.0f} s for its {lcp['lcp_layers']} layers (issue 27's"
+            f" limit: 20 min), the slowest `{name}` at {seconds:.1f} s; each layer's time is in pruned_lcp.pt's"
+            ' report (`report["lcp"]["seconds"]`).',
         ]
     t9 = {key: f"{fmt(value)} [{at(key)}]" for key, value in payload["table9"].items()}
     t10 = {m: f"{fmt(value)} [{at(f'pruned_{m}')}]" for m, value in payload["table10"].items()}

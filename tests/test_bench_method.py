@@ -206,6 +206,27 @@ def test_lcp_rows_are_in_the_report(bench_module, tmp_path):
     assert "| **lcp + FT** | 0.560 | 0.250 | 30.0% | 40.0% | — |" in text
 
 
+def test_lcps_ranking_time_is_recorded_and_reported(bench_module, tmp_path):
+    m = bench_module
+    report = {"lcp": {"seconds": {"a.conv": 1.5, "b.conv": 4.0, "c.conv": 2.5}, "total_seconds": 8.0}}
+    cost = m.lcp_cost(report)
+    assert cost == {"lcp_seconds": 8.0, "lcp_layers": 3, "lcp_slowest": ["b.conv", 4.0]}
+    assert m.lcp_cost({"groups": []}) == {}
+    bench = _bench(m, tmp_path, [], [])
+    bench.results["pruned_lcp"] = {
+        "map50": 0.1,
+        "map": 0.05,
+        "macs": 1.0,
+        "params": 1.0,
+        "params_cut": 0.3,
+        "macs_cut": 0.4,
+        **cost,
+    }
+    m.write_report(bench)
+    text = (tmp_path / "RESULTS_section.md").read_text()
+    assert "LCP's channel ranking took 8 s for its 3 layers" in text and "`b.conv` at 4.0 s" in text
+
+
 # ------------------------------------------------------------------------------------------ Table 9's model
 
 
