@@ -40,7 +40,7 @@ from gcp.core.latency import (
 )
 from gcp.core.lcp import LCPImportance, check_calib_targets
 from gcp.core.registry import Adapter, failing_module, resolve_adapter, snapshot_submodules, tracing_hint
-from gcp.core.report import build_report, out_channels
+from gcp.core.report import before_after, build_report, out_channels
 from gcp.core.serialize import save_pruned
 from gcp.limits import PRUNE_RATIO
 from gcp.vocab import ALLOCATORS, BN_FREE, BUDGETS, COUPLINGS, PRUNE_METHODS
@@ -122,8 +122,7 @@ class PruneResult:
             raise ValueError("the earlier pruning's report has no params/macs before-counts") from None
         chained = {**self.report, "steps": [*report.get("steps", [report]), self.report]}
         for key in ("params", "macs"):
-            after = self.report[key]["after"]
-            chained[key] = {"before": before[key], "after": after, "pruned": 1 - after / before[key]}
+            chained[key] = before_after(before[key], self.report[key]["after"])
         if self.report.get("budget") in ("params", "macs"):
             chained["achieved"] = chained[self.report["budget"]]["pruned"]
         return replace(self, report=chained, history=[*history, *self.history])

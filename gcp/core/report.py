@@ -81,8 +81,8 @@ def build_report(
         "budget": budget,
         "requested": dict(requested) if isinstance(requested, Mapping) else float(requested),
         "achieved": float(achieved),
-        "params": _before_after(params_before, params_after),
-        "macs": _before_after(macs_before, macs_after),
+        "params": before_after(params_before, params_after),
+        "macs": before_after(macs_before, macs_after),
         "size_mb": {"before": size_mb(params_before), "after": size_mb(params_after)},
         "bn_free": dict(bn_free) if bn_free is not None else None,
         "round_to": dict(round_to) if round_to is not None else None,
@@ -95,7 +95,7 @@ def build_report(
     }
 
 
-def _before_after(before: float, after: float) -> dict[str, float]:
+def before_after(before: float, after: float) -> dict[str, float]:
     """A count before and after pruning and the share removed."""
     return {"before": before, "after": after, "pruned": 1 - after / max(before, 1.0)}
 
