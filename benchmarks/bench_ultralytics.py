@@ -456,9 +456,8 @@ def tp_round(bench: Bench, ctx: Any, source: Path, method: str, cut: float) -> N
     earlier = getattr(model, PRUNING_RECORD, None)
     if earlier is None:
         split_blocks(model)
-    base_macs = earlier["report"]["macs"]["before"] if earlier else None
     macs, _ = count_macs_params(model.eval(), ctx.example_inputs)
-    base_macs = base_macs or macs
+    base_macs = earlier["report"]["macs"]["before"] if earlier else macs
     result = tp_prune(model, ctx.example_inputs, "tp_magnitude", 1 - base_macs * (1 - cut) / macs)
     result.adapter = "ultralytics"
     if earlier:
