@@ -327,6 +327,14 @@ def test_setup_minutes_count_in_the_whole_command(bench_module, tmp_path):
     assert bench_module.whole_command_line({"setup": 10.0, "recover": 141.0}).endswith("MISSED (151.0 min)")
 
 
+def test_a_partial_command_does_not_meet_the_time_target(bench_module):
+    """120 minutes with rows still to run is a lower bound: it can miss the target, never meet it."""
+    partial = bench_module.whole_command_line({"setup": 1.0, "recover": 119.0}, ["lcp_ft"])
+    assert partial.endswith("not known (120.0 min for the stages; not run yet: lcp_ft)")
+    over = bench_module.whole_command_line({"setup": 1.0, "recover": 159.0}, ["lcp_ft"])
+    assert over.endswith("MISSED (160.0 min)")
+
+
 def test_a_session_that_measures_nothing_adds_no_wall_minutes(bench_module, tmp_path):
     bench = _bench(bench_module, tmp_path, [], [])
     bench.record("teacher", {"map50": 0.6})
