@@ -433,7 +433,13 @@ def stage_tp(bench: Bench) -> None:
 
     rounds = bench.args.tp_rounds
     epochs = round_epochs(total_epochs(bench.args), rounds)
-    target = json.loads(bench.path("prune_gcp.json").read_text(encoding="utf-8"))["achieved"]
+    record = bench.path("prune_gcp.json")
+    if not record.is_file():
+        raise SystemExit(
+            f"stage tp: it removes the MACs share gcp's pruning achieved, read from {record}, which the prune "
+            "stage writes; run the prune stage first (--stages sparse prune tp, or every stage)"
+        )
+    target = json.loads(record.read_text(encoding="utf-8"))["achieved"]
     source = bench.path("trained.pt")
     for k in range(1, rounds + 1):
         method = tp_round_method(k, rounds)

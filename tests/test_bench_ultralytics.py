@@ -254,3 +254,12 @@ def test_torch_prunings_rounds_share_the_rows_epochs(bench_module):
     for rounds in (0, 7):
         with pytest.raises(ValueError, match="--tp-rounds"):
             bench_module.round_epochs(6, rounds)
+
+
+def test_torch_prunings_row_without_gcps_pruning_says_which_stage_to_run(bench_module, tmp_path):
+    """The row removes the MACs share gcp achieved: without the prune stage's record it names that stage."""
+    m = bench_module
+    bench = m.Bench(m.parse_args(["--seed", "0"]), tmp_path / "run", "config: same\n")
+    with pytest.raises(SystemExit, match="run the prune stage first"):
+        m.stage_tp(bench)
+    assert not any(path.name.startswith("pruned_") for path in (tmp_path / "run").iterdir())
