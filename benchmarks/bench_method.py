@@ -1709,13 +1709,17 @@ def verdicts(payload: dict[str, Any], missing: Sequence[str] = ()) -> list[str]:
 
 
 def whole_command_line(wall: dict[str, float], missing: Sequence[str] = ()) -> str:
-    """The ≤ 150 min target of the whole command: setup (data generation) and every stage. Minutes recorded
-    without the setup, or before every row is measured (``missing``), are a lower bound only, which can miss
-    the target but not meet it."""
+    """The ≤ 150 min target of the whole command: setup (data generation) and every stage it runs without
+    ``--stages`` (the opt-in ones, ``OPT_IN``, are other commands). Minutes recorded without the setup, or before
+    every row is measured (``missing``), are a lower bound only, which can miss the target but not meet it."""
     name = "the whole command ≤ 150 min (wall: setup and every stage)"
+    opt_in = sorted(stage for stage in wall if stage in OPT_IN)
+    wall = {stage: minutes for stage, minutes in wall.items() if stage not in OPT_IN}
     total = sum(wall.values())
     if not wall:
         return f"- {name}: not measured yet"
+    if opt_in:
+        name += f", not the opt-in {', '.join(opt_in)}"
     unknown = ([f"not run yet: {', '.join(missing)}"] if missing else []) + (
         [] if "setup" in wall else ["that run did not record its setup"]
     )

@@ -335,6 +335,15 @@ def test_a_partial_command_does_not_meet_the_time_target(bench_module):
     assert over.endswith("MISSED (160.0 min)")
 
 
+def test_the_opt_in_stages_are_not_part_of_the_whole_command(bench_module):
+    """``--stages lengths`` (or sweep) is another command: its minutes do not count against the default one's."""
+    line = bench_module.whole_command_line({"setup": 1.0, "recover": 140.0, "lengths": 20.8, "sweep": 200.0})
+    assert (
+        line
+        == "- the whole command ≤ 150 min (wall: setup and every stage), not the opt-in lengths, sweep: met (141.0 min)"
+    )
+
+
 def test_a_session_that_measures_nothing_adds_no_wall_minutes(bench_module, tmp_path):
     bench = _bench(bench_module, tmp_path, [], [])
     bench.record("teacher", {"map50": 0.6})
