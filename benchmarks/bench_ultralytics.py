@@ -163,9 +163,9 @@ def row_key(method: str, recovery: str) -> str:
 # ----------------------------------------------------------------------------------------- configs and runs
 
 
-def _data_and_model(data_yaml: Path) -> str:
-    return f"""device: cpu
-data: {{format: yolo, yaml: {data_yaml.resolve()}, size: {SIZE}, num_workers: 0}}
+def _data_and_model(data_yaml: Path, args: argparse.Namespace) -> str:
+    return f"""device: {args.device}
+data: {{format: yolo, yaml: {data_yaml.resolve()}, size: {SIZE}, num_workers: {args.workers}}}
 model:
   name: ultralytics
   weights: yolov8n.yaml
@@ -179,7 +179,7 @@ def base_config_text(data_yaml: Path, args: argparse.Namespace) -> str:
     """The base's run: YOLOv8n from ``yolov8n.yaml`` trained with seed 0 for ``--base-epochs``."""
     return f"""# bench_ultralytics: the base, shared by every seed
 seed: 0
-{_data_and_model(data_yaml)}train: {{epochs: {args.base_epochs}, {FIT}, warmup_epochs: 3}}
+{_data_and_model(data_yaml, args)}train: {{epochs: {args.base_epochs}, {FIT}, warmup_epochs: 3}}
 """
 
 
@@ -188,7 +188,7 @@ def config_text(data_yaml: Path, args: argparse.Namespace) -> str:
     total = args.epochs_sparse + args.epochs_recover
     return f"""# bench_ultralytics, equal epochs: the dense and torch-pruning rows fine-tune for {total} epochs
 seed: {args.seed}
-{_data_and_model(data_yaml)}sparsity: {{epochs: {args.epochs_sparse}, {FIT}, warmup_epochs: 0, schedule: dynamic, mechanism: layer_relative}}
+{_data_and_model(data_yaml, args)}sparsity: {{epochs: {args.epochs_sparse}, {FIT}, warmup_epochs: 0, schedule: dynamic, mechanism: layer_relative}}
 prune: {{method: gcp, ratio: {args.macs}, budget: macs}}
 finetune: {{epochs: {args.epochs_recover}, {FIT}, warmup_epochs: 0}}
 distill: {{epochs: {args.epochs_recover}, {FIT}, warmup_epochs: 0}}
@@ -373,9 +373,17 @@ def judge_base(base: Bench, places: Places) -> dict[str, Any]:
         "asset_sha256": None,
         "weights_sha256": file_sha256(weights),
         "minutes": base.minutes().get("train"),
-        "settings": {"lr": LR, "batch": BATCH, "size": SIZE, "warmup_epochs": 3, "seed": 0},
+        "settings": {
+            "lr": LR,
+            "batch": BATCH,
+            "size": SIZE,
+            "warmup_epochs": 3,
+            "seed": 0,
+            "device": args.device,
+            "workers": args.workers,
+        },
         "commit": base.commit,
-        "machine": machine(),
+        "machine": machine(args.device),
         "date": now(),
     }
     if places.asset is not None and (verdict["converged"] or args.ship_unconverged):
@@ -508,7 +516,7 @@ def record_measurements(bench: Bench, places: Places) -> dict[str, Any]:
     report = json.loads(bench.path("report.json").read_text(encoding="utf-8"))
     by_name = {row["name"]: row for row in report["rows"]}
     base = by_name["trained"]
-    where = {"commit": bench.commit, "machine": machine(), "date": now()}
+    where = {"commit": bench.commit, "machine": machine(bench.args.device), "date": now()}
     path = places.seed_file(bench.args.seed)
     results = read_json(path) or {"seed": bench.args.seed, "rows": {}}
     settings = seed_settings(bench)
@@ -929,6 +937,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--retrain", action="store_true", help="train the base even when a converged asset exists"
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda[:N]: where every stage trains (a base trained on a GPU is still an asset for CPU rows; "
+        "rows are recorded with the machine, and GPU rows are never averaged with CPU rows)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="data-loading worker processes (0: the main process)"
     )
     parser.add_argument("--epochs-sparse", type=int, default=3)
     parser.add_argument("--epochs-recover", type=int, default=3)

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def machine() -> str:
-    """One line naming this machine: CPU model, core count, RAM, torch version."""
+def machine(device: str = "cpu") -> str:
+    """One line naming this machine: CPU model, core count, RAM, torch version, and the GPU when ``device`` (a
+    torch device string) is a CUDA one: rows trained on a GPU are then never averaged with CPU rows
+    (:func:`device_kind`)."""
     from gcp.runtime.timers import cpu_name
 
     cpu = cpu_name()
@@ -29,8 +31,10 @@ def machine() -> str:
     # The vector unit torch's CPU kernels use: it sets both the speed and the float rounding of a run (two
     # "AMD EPYC" machines, AVX2 and AVX-512, gave the same benchmark stage 1 different scores).
     vector = torch.backends.cpu.get_cpu_capability()
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    where = f"GPU {gpu}" if gpu else "no GPU"
     return (
-        f"{cpu} ({vector}), {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, torch {torch.__version__}, no GPU"
+        f"{cpu} ({vector}), {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, torch {torch.__version__}, {where}"
     )
 
 
