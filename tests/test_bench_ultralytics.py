@@ -88,6 +88,10 @@ def test_the_asset_is_the_base_only_when_its_record_says_converged(bench_module,
     record = {"converged": False, "asset_sha256": file_sha256(places.asset)}
     places.base_record.write_text(json.dumps(record))
     assert not m.reusable_asset(places)
+    assert not m.reusable_asset(places, unconverged=True)  # judged, never shipped
+    places.base_record.write_text(json.dumps({**record, "shipped": True}))
+    assert not m.reusable_asset(places)  # shipped unconverged: only when the run says so
+    assert m.reusable_asset(places, unconverged=True)
     places.base_record.write_text(json.dumps({**record, "converged": True}))
     assert m.reusable_asset(places)
     places.asset.write_bytes(b"other weights")  # not the asset the record judged
