@@ -98,6 +98,21 @@ def test_the_asset_is_the_base_only_when_its_record_says_converged(bench_module,
     assert not m.reusable_asset(places)
 
 
+def test_a_gpu_run_names_its_gpu_in_the_machine_line(bench_module, monkeypatch):
+    """--device cuda: the rows carry the GPU, so the report never averages them with CPU rows."""
+    import common
+    import torch
+
+    assert common.machine().endswith("no GPU") and common.device_kind(common.machine()) == "cpu"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    line = common.machine("cuda")
+    assert line.endswith("GPU NVIDIA H200") and common.device_kind(line) == "gpu"
+    config = bench_module.config_text(
+        Path("digits.yaml"), bench_module.parse_args(["--device", "cuda", "--workers", "4"])
+    )
+    assert "device: cuda\n" in config and "num_workers: 4}" in config
+
+
 # ---------------------------------------------------------------------------------------- the seeds together
 
 # mAP@0.5 per row and seed: gcp + GSA − dense −0.01 / 0.00 (within 0.02: met), − gcp + FT +0.01 / +0.02 (under
