@@ -789,10 +789,17 @@ def base_line(payload: dict[str, Any]) -> str:
         )
         + ")"
     )
-    return (
-        f"Base: YOLOv8n from `yolov8n.yaml`, {base['epochs']} epochs of Ultralytics' trainer (seed 0), {verdict}; "
+    tested = (
         f"test mAP@0.5 {fmt(payload['teacher_map50'])} (gcp's evaluator), {fmt(payload['ultralytics_map50'])} "
-        f"(`YOLO.val`). Validation curve: `benchmarks/figures/{CURVE_NAME}`, record "
+        "(`YOLO.val`)"
+        if payload.get("teacher_map50") is not None
+        else "test mAP@0.5 not measured yet (a seed's eval stage measures it)"
+    )
+    last_val = (base.get("curve") or {}).get("map50") or [None]
+    return (
+        f"Base: YOLOv8n from `yolov8n.yaml`, {base['epochs']} epochs of Ultralytics' trainer (seed 0; "
+        f"{fmt(base.get('minutes'), '.1f')} min on {base.get('machine') or 'an unrecorded machine'}), {verdict}; "
+        f"last val mAP@0.5 {fmt(last_val[-1])}; {tested}. Validation curve: `benchmarks/figures/{CURVE_NAME}`, record "
         f"`benchmarks/results/{BASE_NAME}`.\n\n![YOLOv8n base: val mAP vs epoch](figures/{CURVE_NAME})"
     )
 
@@ -862,7 +869,8 @@ def render(payload: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> str:
     """The RESULTS.md section: the aggregate table and the targets first, then the base, how it was run, and
     each seed's own rows."""
     if not per_seed:
-        return "Not measured yet: no seed's measurements file holds a row."
+        waiting = "Not measured yet: no seed's measurements file holds a row."
+        return f"{waiting}\n\n{base_line(payload)}" if payload.get("base") else waiting
     settings = next((s for s in payload["settings"] if s), {})
     es, er = settings.get("epochs_sparse"), settings.get("epochs_recover")
     lines = [
