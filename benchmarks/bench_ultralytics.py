@@ -924,6 +924,14 @@ def write_report(places: Places, seeds: Sequence[int] | None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- main
 
 
+def explicit_device(text: str) -> str:
+    """``--device``: ``cpu`` or ``cuda[:N]``, not ``auto``: every row records the machine it trained on
+    (``common.machine``), which must know whether that was the GPU."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -953,6 +961,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--device",
+        type=explicit_device,
         default="cpu",
         help="cpu or cuda[:N]: where every stage trains (a base trained on a GPU is still an asset for CPU rows; "
         "rows are recorded with the machine, and GPU rows are never averaged with CPU rows)",

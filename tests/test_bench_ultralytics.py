@@ -111,6 +111,8 @@ def test_a_gpu_run_names_its_gpu_in_the_machine_line(bench_module, monkeypatch):
         Path("digits.yaml"), bench_module.parse_args(["--device", "cuda", "--workers", "4"])
     )
     assert "device: cuda\n" in config and "num_workers: 4}" in config
+    with pytest.raises(SystemExit):  # auto would leave the machine line unsure whether a GPU trained
+        bench_module.parse_args(["--device", "auto"])
 
 
 # ---------------------------------------------------------------------------------------- the seeds together
