@@ -280,12 +280,38 @@ def runs_stage(probe: Probe) -> None:
 
 
 def report_stage(probe: Probe) -> None:
-    payload = {"setup": probe.results["setup"], "teacher_map50": probe.teacher_map50(), **summarise(probe)}
-    atomic_write_json(
-        JSON_OUT if probe.args.out == Path("runs/probe_gsa") else probe.args.out / "gsa_probe.json", payload
-    )
+    """Keep this probe's record and rewrite the RESULTS.md section from every kept record. A run directory that
+    measured nothing yet writes no record: it would replace the kept one with an empty one."""
+    if not any(key.startswith(("run/", "grads/")) for key in probe.results):
+        print(f"report: {probe.results_path} holds no measurement yet; no record written", flush=True)
+    else:
+        payload = {
+            "setup": probe.results["setup"],
+            "teacher_map50": probe.teacher_map50(),
+            **summarise(probe),
+        }
+        out = probe.args.out / "gsa_probe.json"
+        atomic_write_json(JSON_OUT if probe.args.out == Path("runs/probe_gsa") else out, payload)
     if probe.args.out == Path("runs/probe_gsa"):
-        write_section("GSA against fine-tuning in short recoveries (issue 25 §4): the probe", render(payload))
+        write_section(
+            "GSA against fine-tuning in short recoveries (issue 25 §4): the probe", render_records()
+        )
+
+
+def render_records(folder: Path = JSON_OUT.parent) -> str:
+    """Every probe record kept in ``folder`` (``gsa_probe*.json``), the strongest teacher first: the teacher
+    asset's path stays the same when a retrained one replaces it, so each record is named by its file and told
+    apart by its teacher's test mAP@0.5."""
+    records = [(path, json.loads(path.read_text())) for path in folder.glob("gsa_probe*.json")]
+    records.sort(key=lambda item: -item[1]["teacher_map50"])
+    parts = [
+        f"### Teacher test mAP@0.5 {payload['teacher_map50']:.3f} (`benchmarks/results/{path.name}`)\n\n"
+        + render(payload)
+        for path, payload in records
+    ]
+    return "\n\n".join(parts) + (
+        "\n\nThe reading, and the same variants on the demo's own recovery: `docs/notes/distillation.md`."
+    )
 
 
 def summarise(probe: Probe) -> dict[str, Any]:
@@ -342,10 +368,6 @@ def render(payload: dict[str, Any]) -> str:
             sd = f" ± {row['sd']:.3f}" if row["sd"] is not None else ""
             per_seed = ", ".join(f"{v:.3f}" for v in row["map50"])
             lines.append(f"| {row['variant']} | {row['steps']} | {per_seed} | {row['mean']:.3f}{sd} |")
-    lines += [
-        "",
-        "The reading, and the same variants on the demo's own recovery: `docs/notes/distillation.md`.",
-    ]
     return "\n".join(lines)
 
 

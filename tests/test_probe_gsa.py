@@ -3,6 +3,7 @@ RESULTS.md text naming every gradient table's class-term priors."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -65,3 +66,28 @@ def test_every_variant_is_a_valid_distiller_setting(probe_module):
         with probe_module.GroupAttentionDistiller(teacher, student, example, **options) as distiller:
             for key, value in options.items():
                 assert getattr(distiller, key) == value, (name, key)
+
+
+def test_the_section_shows_every_kept_record_strongest_teacher_first(probe_module, tmp_path):
+    for name, teacher in (("gsa_probe.json", 0.6), ("gsa_probe_retrained_teacher.json", 0.8)):
+        payload = {
+            "setup": {"teacher": "t.pt", "start": "s.pt", "macs": 0.4, "lr": 5e-4},
+            "teacher_map50": teacher,
+            "grads": [],
+            "runs": [{"variant": "ft", "steps": 30, "map50": [0.5], "mean": 0.5, "sd": None}],
+        }
+        (tmp_path / name).write_text(json.dumps(payload))
+    text = probe_module.render_records(tmp_path)
+    retrained = text.index(
+        "### Teacher test mAP@0.5 0.800 (`benchmarks/results/gsa_probe_retrained_teacher.json`)"
+    )
+    assert retrained < text.index("### Teacher test mAP@0.5 0.600 (`benchmarks/results/gsa_probe.json`)")
+    assert text.count("| ft | 30 | 0.500 | 0.500 |") == 2
+
+
+def test_a_report_with_nothing_measured_keeps_the_record(probe_module, tmp_path, capsys):
+    probe = SimpleNamespace(
+        results={"setup": {}}, results_path=tmp_path / "probe.json", args=SimpleNamespace(out=tmp_path)
+    )
+    probe_module.report_stage(probe)
+    assert not (tmp_path / "gsa_probe.json").exists() and "no record written" in capsys.readouterr().out
