@@ -1180,6 +1180,7 @@ def sweep_entries(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
                     {
                         "method": method,
                         "recovery": recovery,
+                        "share": macs,
                         "macs_cut": r.get(pruned, {}).get("macs_cut"),
                         "map50": r[key]["map50"],
                         "latency_ms": timed.get(pruned, {}).get("median_ms"),
@@ -1424,7 +1425,26 @@ def aggregate_verdicts(payload: dict[str, Any], steps: int | None) -> list[str]:
         verdict(name, combined([met for _, met in others])),
         *(f"  {line}" for line, _ in others),
         *lengths_verdicts(payload, rows, steps),
+        *sweep_verdicts(payload["sweep"]),
     ]
+
+
+def sweep_verdicts(sweep: list[dict[str, Any]]) -> list[str]:
+    """gcp + GSA at or above every other recipe at each share of the MACs the sweep asked for (one seed: no
+    standard error; a share where a recipe is missing is not measured)."""
+    lines = []
+    for share in SWEEP_MACS:
+        at = {(e["method"], e["recovery"]): e["map50"] for e in sweep if abs(e["share"] - share) < 1e-9}
+        others = {key: value for key, value in at.items() if key != GSA}
+        if GSA not in at or len(others) < len(SWEEP_ROWS) - 1:
+            lines.append((verdict(f"at {share:.0%} of the MACs", None), None))
+            continue
+        (method, recovery), best = max(others.items(), key=lambda item: item[1])
+        lead = at[GSA] - best
+        detail = f"gcp + GSA {at[GSA]:.3f}, best other {method} + {recovery.upper()} {best:.3f}: {lead:+.3f}"
+        lines.append((verdict(f"at {share:.0%} of the MACs", lead >= 0, detail), lead >= 0))
+    name = f"on the sweep (seed {SWEEP_SEED}), gcp + GSA ≥ every other recipe at every MACs cut"
+    return [verdict(name, combined([met for _, met in lines])), *(f"  {line}" for line, _ in lines)]
 
 
 def lengths_verdicts(

@@ -728,9 +728,30 @@ def test_the_report_gathers_the_sweep_and_the_recovery_lengths(bench_module, tmp
     payload, text = _seeded_report(bench_module, tmp_path, machines=())
     gsa, slim = (SEEDED[key][bench_module.SWEEP_SEED] for key in ("gcp_gsa", "slim_ft"))
     assert payload["sweep"] == [
-        {"method": "gcp", "recovery": "gsa", "macs_cut": 0.301, "map50": 0.63, "latency_ms": 7.5},
-        {"method": "gcp", "recovery": "gsa", "macs_cut": 0.4, "map50": gsa, "latency_ms": 7.0},  # main row
-        {"method": "slim", "recovery": "ft", "macs_cut": 0.4, "map50": slim, "latency_ms": None},
+        {
+            "method": "gcp",
+            "recovery": "gsa",
+            "share": 0.3,
+            "macs_cut": 0.301,
+            "map50": 0.63,
+            "latency_ms": 7.5,
+        },
+        {
+            "method": "gcp",
+            "recovery": "gsa",
+            "share": 0.4,
+            "macs_cut": 0.4,
+            "map50": gsa,
+            "latency_ms": 7.0,
+        },  # main row
+        {
+            "method": "slim",
+            "recovery": "ft",
+            "share": 0.4,
+            "macs_cut": 0.4,
+            "map50": slim,
+            "latency_ms": None,
+        },
     ]
     assert payload["sweep_latency"]["teacher_ms"] == 9.0 and payload["sweep_latency"]["machine"] == CPU
     assert f"gcp + GSA: 30% 0.630 (7.50 ms), 40% {gsa:.3f} (7.00 ms)" in text
@@ -785,3 +806,22 @@ def test_ship_writes_seed0s_stage1_model_as_the_demos_asset(bench_module, tmp_pa
     asset.unlink()
     m.ship_stage(other)  # seed 0's alone
     assert not asset.exists() and "ship" not in m.DEFAULT_STAGES
+
+
+def test_the_sweep_target_compares_gcp_gsa_with_the_best_other_recipe_at_each_share(bench_module):
+    m = bench_module
+    scores = {0.3: (0.70, 0.68, 0.60), 0.4: (0.65, 0.66, 0.55), 0.5: (0.60, 0.58, 0.50)}  # gsa, slim, tp
+    sweep = [
+        {"method": method, "recovery": recovery, "share": share, "map50": value}
+        for share, values in scores.items()
+        for (method, recovery), value in zip(m.SWEEP_ROWS, values)
+    ]
+    lines = m.sweep_verdicts(sweep)
+    assert (
+        lines[0]
+        == f"- on the sweep (seed {m.SWEEP_SEED}), gcp + GSA ≥ every other recipe at every MACs cut: missed"
+    )
+    assert "  - at 30% of the MACs: met (gcp + GSA 0.700, best other slim + FT 0.680: +0.020)" in lines
+    assert "  - at 40% of the MACs: missed (gcp + GSA 0.650, best other slim + FT 0.660: -0.010)" in lines
+    assert "  - at 60% of the MACs: not measured" in lines
+    assert m.sweep_verdicts([e for e in sweep if e["share"] != 0.4])[0].endswith(": not measured")
