@@ -928,7 +928,8 @@ def plot_sweep(payload: dict[str, Any], path: Path) -> None:
     if latency:
         by_latency.plot([latency["teacher_ms"]], [teacher], "k*", markersize=10, label="teacher (unpruned)")
         by_latency.set_title(
-            f"ONNX Runtime CPU, {latency['threads']} threads, batch 1 ({latency['machine'][:40]})", fontsize=9
+            f"ONNX Runtime CPU, {latency['threads']} threads, batch 1\n{latency['machine'].split(', torch')[0]}",
+            fontsize=9,
         )
     by_macs.set_xlabel("MACs cut (%)")
     by_macs.set_ylabel("mAP@0.5 (test)")
