@@ -125,8 +125,8 @@ FEEDS["pruned_gcp"] += ("gcp_gsa",)
 #: ``--macs`` is the main rows': not made again).
 SWEEP_ROWS = (("gcp", "gsa"), ("slim", "ft"), ("tp_magnitude", "ft"))
 SWEEP_MACS = (0.3, 0.4, 0.5, 0.6)
-#: The sweep's seed: the one whose rows and stage-1 model were all made on one machine (AVX-512), so the sweep's
-#: shares and its ``--macs`` point (the main rows) share one stage-1 model and one CPU's rounding.
+#: The sweep's seed: the one whose rows and stage-1 model were all made on one machine (AVX-512), so the
+#: sweep's shares and its ``--macs`` point (the main rows) share one stage-1 model and one CPU's rounding.
 SWEEP_SEED = 2
 #: The seed whose stage-1 model ``ship`` makes the demo's asset.
 SHIP_SEED = 0
@@ -157,7 +157,8 @@ def own_steps(settings: dict[str, Any]) -> int:
 
 
 def sweep_shares(args: argparse.Namespace) -> list[float]:
-    """The sweep's shares of the MACs on this run's seed: all but ``--macs`` (the main rows'), on ``SWEEP_SEED`` only."""
+    """The sweep's shares of the MACs on this run's seed: all but ``--macs`` (the main rows'), on
+    ``SWEEP_SEED`` only."""
     if args.seed != SWEEP_SEED:
         return []
     return [macs for macs in SWEEP_MACS if abs(macs - args.macs) > 1e-9]
@@ -169,7 +170,8 @@ def other_lengths(args: argparse.Namespace) -> list[int]:
 
 
 def opt_in_keys(args: argparse.Namespace) -> set[str]:
-    """The models the opt-in stages (``OPT_IN``) make with this run's settings (the sweep: ``SWEEP_SEED``'s only)."""
+    """The models the opt-in stages (``OPT_IN``) make with this run's settings (the sweep: ``SWEEP_SEED``'s
+    only)."""
     sweep = {
         key
         for macs in sweep_shares(args)
@@ -797,9 +799,9 @@ def recover(bench: Bench, key: str, recovery: str, **length: int) -> None:
 
 
 def sweep_stage(bench: Bench) -> None:
-    """Issue 25's sweep (``SWEEP_SEED``; only when ``--stages`` names it): gcp + GSA, slim + FT and torch-pruning's
-    magnitude + FT at each share of ``SWEEP_MACS``, from the same starts as the main rows; the share of ``--macs``
-    is the main rows'."""
+    """Issue 25's sweep (``SWEEP_SEED``; only when ``--stages`` names it): gcp + GSA, slim + FT and
+    torch-pruning's magnitude + FT at each share of ``SWEEP_MACS``, from the same starts as the main rows; the
+    share of ``--macs`` is the main rows'."""
     if bench.args.seed != SWEEP_SEED:
         print(f"sweep: measured on seed {SWEEP_SEED} only; skipped", flush=True)
         return
@@ -927,9 +929,9 @@ def plot_sweep(payload: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     if latency:
         by_latency.plot([latency["teacher_ms"]], [teacher], "k*", markersize=10, label="teacher (unpruned)")
+        hardware = latency["machine"].split(", torch")[0]  # common.machine's CPU, cores and RAM
         by_latency.set_title(
-            f"ONNX Runtime CPU, {latency['threads']} threads, batch 1\n{latency['machine'].split(', torch')[0]}",
-            fontsize=9,
+            f"ONNX Runtime CPU, {latency['threads']} threads, batch 1\n{hardware}", fontsize=9
         )
     by_macs.set_xlabel("MACs cut (%)")
     by_macs.set_ylabel("mAP@0.5 (test)")
@@ -1164,8 +1166,8 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def sweep_entries(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sweep on ``SWEEP_SEED`` (``sweep`` stage), each row at each share of the MACs measured, the share of
-    ``--macs`` from the main rows; empty until the sweep measured something."""
+    """The sweep on ``SWEEP_SEED`` (``sweep`` stage), each row at each share of the MACs measured, the share
+    of ``--macs`` from the main rows; empty until the sweep measured something."""
     r = per_seed.get(SWEEP_SEED, {})
     if not any(key.startswith(OPT_IN["sweep"]) for key in r):
         return []

@@ -51,6 +51,7 @@ from gcp.detection.train import fit  # noqa: E402
 from gcp.io import atomic_write_json  # noqa: E402
 
 JSON_OUT = Path(__file__).parent / "results" / "gsa_probe.json"
+DEFAULT_OUT = Path("runs/probe_gsa")  # the probe whose record is JSON_OUT
 REPO = Path(__file__).resolve().parents[1]
 LR = 5e-4  # bench_method's --lr-recover
 # name -> GroupAttentionDistiller options (None: fine-tuning, no distiller)
@@ -81,7 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--teacher", type=Path, default=SHIPPED_TEACHER)
     parser.add_argument("--start", type=Path, default=SHIPPED_SPARSE, help="the stage-1 model gcp prunes")
-    parser.add_argument("--out", type=Path, default=Path("runs/probe_gsa"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--stages", nargs="*", default=["grads", "runs", "report"])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
@@ -280,8 +281,9 @@ def runs_stage(probe: Probe) -> None:
 
 
 def report_stage(probe: Probe) -> None:
-    """Keep this probe's record and rewrite the RESULTS.md section from every kept record. A run directory that
-    measured nothing yet writes no record: it would replace the kept one with an empty one."""
+    """Keep this probe's record and rewrite the RESULTS.md section from every kept record. A run directory
+    that measured nothing yet writes no record: it would replace the kept one with an empty one."""
+    default_out = probe.args.out == DEFAULT_OUT  # the kept record and the RESULTS.md section
     if not any(key.startswith(("run/", "grads/")) for key in probe.results):
         print(f"report: {probe.results_path} holds no measurement yet; no record written", flush=True)
     else:
@@ -290,9 +292,8 @@ def report_stage(probe: Probe) -> None:
             "teacher_map50": probe.teacher_map50(),
             **summarise(probe),
         }
-        out = probe.args.out / "gsa_probe.json"
-        atomic_write_json(JSON_OUT if probe.args.out == Path("runs/probe_gsa") else out, payload)
-    if probe.args.out == Path("runs/probe_gsa"):
+        atomic_write_json(JSON_OUT if default_out else probe.args.out / "gsa_probe.json", payload)
+    if default_out:
         write_section(
             "GSA against fine-tuning in short recoveries (issue 25 §4): the probe", render_records()
         )
