@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, git_revision, machine, now, write_section  # noqa: E402
+from common import PAPER_MODEL2, RESULTS, git_revision, machine, now, write_section  # noqa: E402
 
 from gcp.app.cli import main as gcp_main  # noqa: E402
 from gcp.app.pipeline import SHIPPED_TEACHER  # noqa: E402
@@ -32,11 +32,6 @@ METHODS = ("gcp", "slim", "thinet")
 #: Committed beside RESULTS.md, so the figure the table describes can be looked at without rerunning.
 FIGURE = RESULTS.parent / "figures" / "digits_tradeoff.png"
 TITLE = "DigitScenes: Tables 9, 10, 3–5, 8 and Fig. 10 at CPU scale"
-PAPER_T345 = {  # Table 3–5, Model2 (40 %): fine-tune / GSA distilling mAP@0.5
-    "gcp": (81.1, 86.6),
-    "slim": (79.8, 83.7),
-    "thinet": (80.4, 83.9),
-}
 
 
 def run(args: list[str]) -> None:
@@ -227,7 +222,7 @@ def render_tables(record: dict[str, Any]) -> dict[str, list[str]]:
         )
         for m in METHODS:
             ft, ds = rows[f"finetuned_{m}"], rows[f"distilled_{m}"]
-            paper = PAPER_T345[m]
+            paper = PAPER_MODEL2[m]
             t345.append(
                 f"| {ratio:.0%} | {m} | {ds['params'] / 1e6:.2f} | {ft['map50']:.3f} | {ds['map50']:.3f} |"
                 f" {paper[0]} / {paper[1]} |"

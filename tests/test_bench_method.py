@@ -9,6 +9,7 @@ different commits or on different machines are not silently presented as one run
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -294,8 +295,9 @@ def test_the_report_shows_each_rows_own_commit_and_machine(bench_module, tmp_pat
     bench_module.write_report(bench)
     text = (tmp_path / "RESULTS_section.md").read_text()
     assert "- 1: commit aaaaaaa on CPU one" in text and "- 2: commit bbbbbbb on CPU two" in text
-    assert "| teacher (shipped) | 0.600 | 0.300 | — | — | 85.5 | 1 |" in text
-    assert "of γ < 1e-2 | 0.500 | 0.200 | — | — | — | 2 |" in text
+    # the paper's original network and its sparse-trained one (§5.4), beside ours
+    assert "| teacher (shipped) | 0.600 | 0.300 | — | — | 87.1 | 1 |" in text
+    assert "of γ < 1e-2 | 0.500 | 0.200 | — | — | 79.8 | 2 |" in text
     assert git_revision() not in text  # the report's own commit is no row's
 
 
@@ -585,6 +587,9 @@ def test_the_recorded_seed0_measurements_still_render(bench_module, tmp_path):
     text = (tmp_path / "RESULTS_section.md").read_text()
     assert "- seed 0: machine not recorded per row; commit not recorded per row" in text
     assert "### Seed 0" in text and "| **gcp + GSA** | 0.629 |" in text
+    # Tables 3–5, Model2: each pruning method's paper value sits in its own row
+    assert re.search(r"\| \*\*gcp \+ GSA\*\* \|[^\n]*\| 86\.6 \|", text)
+    assert re.search(r"\| \*\*slim \+ FT\*\* \|[^\n]*\| 79\.8 \|", text)
 
 
 # -------------------------------------------------------------------------- issue 25's sweep and lengths
