@@ -103,6 +103,16 @@ def test_training_stages_use_ultralytics_trainer_and_keep_the_pruned_architectur
     assert 0.0 <= metrics.box.map50 <= 1.0
 
 
+def test_stage_1_reports_the_groups_that_pruning_thresholds(run: Path) -> None:
+    # Ultralytics' own forward decodes every level into one tensor; traced that way, stage 1 once put the neck's
+    # layers in the head and its per-group statistics described groups the pruning never used
+    history = json.loads((run / "sparsity_history.json").read_text())
+    report = json.loads((run / "prune_gcp.json").read_text())
+    stage1 = {name: stats["channels"] for name, stats in history["final"].items()}
+    pruned = {group["name"]: group["channels_before"] for group in report["groups"]}
+    assert stage1 == pruned and {"neck", "head"} <= set(pruned)
+
+
 def test_eval_scores_with_both_evaluators_and_export_writes_the_network(run: Path, config: Path) -> None:
     distilled = run / "distilled_gcp.pt"
     assert (

@@ -610,3 +610,17 @@ def test_ties_stay_broken_when_two_gammas_elsewhere_are_one_float32_step_apart()
         warnings.simplefilter("ignore")
         result = gcp.prune_detector(model, X, ratio=0.15, method="slim", round_to=1)
     assert result.report["achieved"] == pytest.approx(0.15, abs=0.01)
+
+
+def test_detector_groups_are_the_groups_the_pruning_reports():
+    from gcp.core.prune import detector_groups
+
+    model, x = fresh(), X
+    found = {g.name: g.layers for g in detector_groups(model, x)}
+    result = gcp.prune_detector(copy.deepcopy(model), x, ratio=0.3, method="gcp")
+    assert [g["name"] for g in result.report["groups"]] == list(found)
+    # a caller's own groups are taken as given, by the same rules as prune_detector(groups=...)
+    first = next(iter(found.values()))[0]
+    assert [g.layers for g in detector_groups(model, x, {"mine": [first]})] == [[first]]
+    with pytest.raises(ValueError, match="matches no BatchNorm"):
+        detector_groups(model, x, {"mine": ["nothing.*"]})

@@ -47,7 +47,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from distill import GroupAttentionDistiller
 from gcp.app import plots
 from gcp.app.config import ConfigError, ExperimentConfig, FitConfig, PruneConfig, check_paths, dump_config
-from gcp.core.prune import PruneResult, channel_costs, prune_detector
+from gcp.core.prune import PruneResult, channel_costs, detector_groups, prune_detector
 from gcp.core.report import count_macs_params, size_mb
 from gcp.core.serialize import (  # the model-file formats live in gcp.core.serialize
     load_model,
@@ -67,7 +67,7 @@ from gcp.runtime.export import (
     tensorrt_available,
 )
 from gcp.sparse.dynamic import DynamicSparsity, TooFewStepsError
-from grouping import partition
+from grouping import Group
 
 LOGGER = logging.getLogger(__name__)
 
@@ -654,7 +654,7 @@ def _sparsity_hook(ctx: Context, model: nn.Module, by_macs: bool) -> Any:
     """The stage-1 hook the ``sparsity`` section describes; a key set for another mechanism than the chosen one
     (``gamma_lr`` with ``eq3``, say) is a config error naming the section, not a traceback."""
     settings = ctx.config.sparsity
-    groups = partition(model, ctx.example_inputs)
+    groups = pruning_groups(ctx, model)
     costs = channel_costs(model, ctx.example_inputs) if by_macs else None
     try:
         return DynamicSparsity(
@@ -677,6 +677,15 @@ def _sparsity_hook(ctx: Context, model: nn.Module, by_macs: bool) -> Any:
             f"sparsity.mechanism {settings.mechanism!r}: {error} (config keys: gamma_lr is lr)",
             "sparsity.mechanism",
         ) from None
+
+
+def pruning_groups(ctx: Context, model: nn.Module) -> list[Group]:
+    """The groups ``gcp prune`` will set its thresholds in (``prune.groups``), found the way pruning finds them,
+    so that stage 1's per-group statistics and the γ plots describe the groups that get pruned."""
+    try:
+        return detector_groups(model, ctx.example_inputs, ctx.config.prune.groups)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"prune.groups: {error}", "prune.groups") from None
 
 
 def calibration_batches(ctx: Context, images: int, *, with_targets: bool = False) -> list[Any]:
@@ -1005,7 +1014,7 @@ def plot_stage(ctx: Context, kind: str) -> Path:
         if kind == "gammas":
             before = ctx.family.load(trained_model(ctx, "run `gcp train` first"))
             after = ctx.family.load(_require(run.sparse, "run `gcp sparse-train` first"))
-            groups = partition(before, ctx.example_inputs)
+            groups = pruning_groups(ctx, before)
             plots.plot_gamma_histograms(
                 plots.gammas_by_group(before, groups), plots.gammas_by_group(after, groups), path
             )

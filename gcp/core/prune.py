@@ -617,9 +617,29 @@ def _following_norm(graph: Any, module: nn.Module) -> nn.Module | None:
     return nxt if isinstance(nxt, nn.modules.batchnorm._BatchNorm) else None
 
 
+def detector_groups(
+    model: nn.Module, example_inputs: Any, groups: Any = "auto", adapter: str | Adapter | None = "auto"
+) -> list[Group]:
+    """The groups ``prune_detector(model, method="gcp", groups=groups)`` sets one threshold in (paper §4.2.1),
+    for what must see the same groups without pruning: stage 1's per-group statistics and the γ plots (Fig. 8/9).
+
+    ``"auto"`` traces the model the way pruning does, through its family adapter's forward: a family whose own
+    forward decodes its head maps into one tensor (Ultralytics) would otherwise put every layer that reaches that
+    tensor in one head, and the groups of stage 1 would not be those of the pruning."""
+    if groups != "auto":
+        return _given_groups(model, groups)
+    family = resolve_adapter(model, adapter)
+    return partition(model, example_inputs, forward_fn=family.forward_fn if family is not None else None)
+
+
 def _gcp_groups(model: nn.Module, example_inputs: Any, groups: Any, seen: Observation) -> list[Group]:
     if groups == "auto":
         return partition(model, example_inputs, observation=seen)
+    return _given_groups(model, groups)
+
+
+def _given_groups(model: nn.Module, groups: Any) -> list[Group]:
+    """Groups named by the caller: a YAML of glob patterns, a mapping name → patterns, or Group objects."""
     if isinstance(groups, (str, Path)):
         return groups_from_patterns(model, load_group_patterns(str(groups)))
     if isinstance(groups, Mapping):
