@@ -545,11 +545,23 @@ def record_measurements(bench: Bench, places: Places) -> dict[str, Any]:
             "ort_ms": row.get("median_ms"),
             **where,
         }
+    if "sparse" in results["rows"]:
+        results["rows"]["sparse"]["sparse_fraction"] = sparse_fraction(bench.path("sparsity_history.json"))
     results.update(settings=settings, wall_minutes=bench.minutes())
     places.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, results)
     print(f"[{now()}] measurements of seed {bench.args.seed} → {path}", flush=True)
     return results
+
+
+def sparse_fraction(history: Path) -> float | None:
+    """The share of all γ below 1e-2 at the end of stage 1 (issue 25's ``sparse_fraction_below_1e-2``), from
+    the ``final`` per-group statistics ``gcp sparse-train`` writes of the γ sparse.pt holds."""
+    final = read_json(history).get("final")
+    if not final:
+        return None
+    channels = sum(group["channels"] for group in final.values())
+    return sum(group["sparse_fraction"] * group["channels"] for group in final.values()) / channels
 
 
 # ------------------------------------------------------------------------------------------ the seeds together
@@ -698,6 +710,11 @@ def aggregate(per_seed: dict[int, dict[str, Any]], base: dict[str, Any] | None =
         "rows": rows,
         "targets": targets(by_key),
         "sparse_map50": [r["rows"].get("sparse", {}).get("map50") for r in results],
+        "sparse_fraction_below_1e-2": [r["rows"].get("sparse", {}).get("sparse_fraction") for r in results],
+        "pruned_before_recovery_map50": [r["rows"].get("pruned_gcp", {}).get("map50") for r in results],
+        # issue 25's record shape; this benchmark measures one MACs cut and one recovery length
+        "sweep": [],
+        "recovery_lengths": [],
         "pruned_map50": {
             method: [r["rows"].get(f"pruned_{method}", {}).get("map50") for r in results]
             for method in ("gcp", "slim", "tp_magnitude")
@@ -772,6 +789,19 @@ def aggregate_line(row: dict[str, Any]) -> str:
     return (
         f"| {name} | {spread} | {per_seed} | {versus} | {other} | {fmt(row['params_cut'], '.1%')} | "
         f"{fmt(row['macs_cut'], '.1%')} |"
+    )
+
+
+def stage1_line(payload: dict[str, Any]) -> str:
+    """Stage 1 and the prune before recovery, seed by seed: the paper's stage-1 targets measured here too."""
+
+    def per_seed(values: Sequence[float | None], spec: str) -> str:
+        return " / ".join(fmt(value, spec) for value in values)
+
+    return (
+        f"Stage 1 per seed: {per_seed(payload['sparse_fraction_below_1e-2'], '.1%')} of γ below 1e-2, mAP@0.5"
+        f" {per_seed(payload['sparse_map50'], '.3f')} (base {fmt(payload['teacher_map50'])}); gcp pruned, before"
+        f" recovery: {per_seed(payload['pruned_before_recovery_map50'], '.3f')}."
     )
 
 
@@ -888,6 +918,8 @@ def render(payload: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> str:
         "",
         "Issue 25's targets (means over the seeds; pairs on the same seed):",
         *target_lines(payload),
+        "",
+        stage1_line(payload),
         "",
         base_line(payload),
         "",

@@ -267,6 +267,32 @@ def test_measurements_carry_the_commit_the_run_was_launched_at(bench_module, tmp
     assert {row["commit"] for row in results["rows"].values()} == {"launch1"}
 
 
+def test_stage_1s_share_below_1e2_is_recorded_and_the_record_has_issue_25s_shape(bench_module, tmp_path):
+    m = bench_module
+    bench = m.Bench(m.parse_args(["--seed", "0"]), tmp_path / "run", "config: same\n")
+    run = tmp_path / "run"
+    for name in ("trained", "sparse", "pruned_gcp"):
+        (run / f"{name}.pt").write_bytes(b"weights")
+    final = {  # 2 of 4 and 3 of 12 channels below 1e-2: 5 / 16 of all, not the mean of the groups' shares
+        "a": {"channels": 4, "sparse_fraction": 0.5},
+        "b": {"channels": 12, "sparse_fraction": 0.25},
+    }
+    (run / "sparsity_history.json").write_text(json.dumps({"final": final}))
+    rows = [
+        {"name": name, "map50": score, "map": 0.3, "params": 10.0, "macs": 20.0, "median_ms": 1.0}
+        for name, score in (("trained", 0.8), ("sparse", 0.7), ("pruned_gcp", 0.2))
+    ]
+    (run / "report.json").write_text(json.dumps({"rows": rows}))
+    places = m.Places(tmp_path / "scratch")
+    results = m.record_measurements(bench, places)
+    assert results["rows"]["sparse"]["sparse_fraction"] == pytest.approx(5 / 16)
+    payload = m.aggregate(m.seed_measurements(places.results))
+    assert payload["sparse_fraction_below_1e-2"] == [pytest.approx(5 / 16)]
+    assert payload["sparse_map50"] == [0.7] and payload["pruned_before_recovery_map50"] == [0.2]
+    assert payload["sweep"] == [] and payload["recovery_lengths"] == []
+    assert "Stage 1 per seed: 31.2% of γ below 1e-2, mAP@0.5 0.700" in m.render(payload, {0: results})
+
+
 def test_torch_prunings_rounds_share_the_rows_epochs(bench_module):
     assert bench_module.round_epochs(6, 3) == [2, 2, 2]
     assert bench_module.round_epochs(7, 3) == [2, 2, 3]
