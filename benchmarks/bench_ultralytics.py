@@ -108,6 +108,7 @@ from common import (  # noqa: E402
 )
 from train_reference import CONVERGED_GAIN, convergence, plot_curve  # noqa: E402
 
+from gcp.app.plots import overall_sparse_fraction  # noqa: E402
 from gcp.detection.data import make_digit_scenes  # noqa: E402
 from gcp.io import atomic_write_json, atomic_write_text, file_sha256  # noqa: E402
 
@@ -547,6 +548,9 @@ def record_measurements(bench: Bench, places: Places) -> dict[str, Any]:
         }
     if "sparse" in results["rows"]:
         results["rows"]["sparse"]["sparse_fraction"] = sparse_fraction(bench.path("sparsity_history.json"))
+    cuts = group_cuts(bench)
+    if cuts:
+        results["group_cuts"] = cuts
     results.update(settings=settings, wall_minutes=bench.minutes())
     places.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, results)
@@ -558,10 +562,26 @@ def sparse_fraction(history: Path) -> float | None:
     """The share of all γ below 1e-2 at the end of stage 1 (issue 25's ``sparse_fraction_below_1e-2``), from
     the ``final`` per-group statistics ``gcp sparse-train`` writes of the γ sparse.pt holds."""
     final = read_json(history).get("final")
-    if not final:
-        return None
-    channels = sum(group["channels"] for group in final.values())
-    return sum(group["sparse_fraction"] * group["channels"] for group in final.values()) / channels
+    return overall_sparse_fraction(final) if final else None
+
+
+def group_cuts(bench: Bench) -> dict[str, dict[str, float]]:
+    """The share of each of gcp's groups' channels that gcp and slim (one global threshold) removed, from the
+    two prune reports: where the group thresholds (§4.2.2) and the global one part ways. Empty until both
+    methods pruned."""
+    reports = {method: read_json(bench.path(f"prune_{method}.json")) for method in ("gcp", "slim")}
+    if not all(reports.values()):
+        return {}
+    layers = {method: {layer["name"]: layer for layer in r["layers"]} for method, r in reports.items()}
+
+    def cut(method: str, names: Sequence[str]) -> float:
+        before = sum(layers[method][name]["before"] for name in names)
+        return 1 - sum(layers[method][name]["after"] for name in names) / before
+
+    return {
+        group["name"]: {method: cut(method, group["layers"]) for method in layers}
+        for group in reports["gcp"]["groups"]
+    }
 
 
 # ------------------------------------------------------------------------------------------ the seeds together
@@ -889,6 +909,12 @@ def seed_lines(seed: int, results: dict[str, Any]) -> list[str]:
             f"{fmt(r['map50'])} | {fmt(r['map'])} | {fmt(r.get('ultralytics_map50'))} | "
             f"{fmt(r.get('ultralytics_map'))} | {fmt(r.get('ort_ms'), '.1f')} | {r.get('commit')} |"
         )
+    cuts = results.get("group_cuts") or {}
+    if cuts:
+        shares = ", ".join(
+            f"{name} {fmt(cut['gcp'], '.1%')} / {fmt(cut['slim'], '.1%')}" for name, cut in cuts.items()
+        )
+        lines += ["", f"Share of each of gcp's groups' channels removed, gcp / slim: {shares}."]
     wall = results.get("wall_minutes") or {}
     if wall:
         lines += ["", "Stage wall times (min): " + ", ".join(f"{k} {v:.1f}" for k, v in wall.items()) + "."]

@@ -293,6 +293,30 @@ def test_stage_1s_share_below_1e2_is_recorded_and_the_record_has_issue_25s_shape
     assert "Stage 1 per seed: 31.2% of γ below 1e-2, mAP@0.5 0.700" in m.render(payload, {0: results})
 
 
+def test_each_groups_cut_under_gcp_and_slim_is_recorded_and_shown(bench_module, tmp_path):
+    m = bench_module
+    bench = m.Bench(m.parse_args(["--seed", "0"]), tmp_path / "run", "config: same\n")
+    assert m.group_cuts(bench) == {}  # nothing pruned yet
+
+    def layer(name, before, after):
+        return {"name": name, "before": before, "after": after}
+
+    groups = [{"name": "backbone_s8", "layers": ["a", "b"]}, {"name": "head", "layers": ["c"]}]
+    reports = {
+        "gcp": {"groups": groups, "layers": [layer("a", 8, 6), layer("b", 8, 8), layer("c", 4, 2)]},
+        "slim": {"groups": [], "layers": [layer("a", 8, 8), layer("b", 8, 7), layer("c", 4, 1)]},
+    }
+    for method, report in reports.items():
+        (tmp_path / "run" / f"prune_{method}.json").write_text(json.dumps(report))
+    cuts = m.group_cuts(bench)  # by gcp's groups, for both methods
+    assert cuts == {
+        "backbone_s8": {"gcp": pytest.approx(2 / 16), "slim": pytest.approx(1 / 16)},
+        "head": {"gcp": pytest.approx(0.5), "slim": pytest.approx(0.75)},
+    }
+    text = "\n".join(m.seed_lines(0, {"rows": {}, "group_cuts": cuts}))
+    assert "channels removed, gcp / slim: backbone_s8 12.5% / 6.2%, head 50.0% / 75.0%." in text
+
+
 def test_torch_prunings_rounds_share_the_rows_epochs(bench_module):
     assert bench_module.round_epochs(6, 3) == [2, 2, 2]
     assert bench_module.round_epochs(7, 3) == [2, 2, 3]
